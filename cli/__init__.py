@@ -1,0 +1,1 @@
+"""The spectra command line (installed as spectra_cli)."""

@@ -1,0 +1,3 @@
+from spectra_cli.app import main
+
+main()

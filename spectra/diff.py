@@ -1,0 +1,141 @@
+"""Pair base and tuned tensors by name, check shapes, and form ΔW = W_tuned − W_base after upcasting.
+
+Everything that is not analysed comes back as a `Skipped` with its reason; nothing is analysed as raw weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from spectra.load import Checkpoint, TensorEntry
+from spectra.records import Delta, Options, Skipped
+
+log = logging.getLogger(__name__)
+
+# mantissa bits (with the implicit one) of storage formats whose rounding noise we estimate; f32/f64 count as exact
+MANTISSA_BITS = {"bf16": 8, "f16": 11, "f8_e4m3": 4, "f8_e5m2": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A tuned tensor and the base tensor it is compared with (same shape, both 2-D floating point)."""
+
+    name: str  # tuned key, verbatim
+    base_name: str | None  # None: no base checkpoint (adapters analysed alone)
+    shape: tuple[int, int]
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders `layers.2` before `layers.10`."""
+    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name))
+
+
+def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple[list[Pair], list[Skipped]]:
+    """Match tuned tensors to base tensors; return the analysable pairs and everything skipped, with reasons.
+
+    Identical names pair. When one side carries an extra leading prefix (e.g. `base_model.model.`), the single
+    prefix that explains the most unmatched names is stripped, provided the renaming is one-to-one.
+    """
+    base_of = _match_names(set(base.entries), set(tuned.entries))
+    skipped = [Skipped(b, "only-in-base") for b in sorted(set(base.entries) - set(base_of.values()), key=natural_key)]
+    pairs: list[Pair] = []
+    for name in sorted(tuned.entries, key=natural_key):
+        entry, base_name = tuned.entries[name], base_of.get(name)
+        why = _filter(name, options) or _unfit(entry)
+        if why is None and base_name is None:
+            why = Skipped(name, "only-in-tuned")
+        if why is None and base_name is not None and base.entries[base_name].shape != entry.shape:
+            detail = f"base {base.entries[base_name].shape} vs tuned {entry.shape}"
+            why = Skipped(name, "shape-mismatch", detail)
+        if why is not None:
+            skipped.append(why)
+        else:
+            pairs.append(Pair(name, base_name, (entry.shape[0], entry.shape[1])))
+    return pairs, skipped
+
+
+def _filter(name: str, options: Options) -> Skipped | None:
+    if options.include is not None and not re.search(options.include, name):
+        return Skipped(name, "excluded", f"does not match include {options.include!r}")
+    if options.exclude is not None and re.search(options.exclude, name):
+        return Skipped(name, "excluded", f"matches exclude {options.exclude!r}")
+    return None
+
+
+def _unfit(entry: TensorEntry) -> Skipped | None:
+    if not entry.is_float:
+        return Skipped(entry.name, "not-float", f"dtype {entry.dtype_name}")
+    if len(entry.shape) != 2:
+        return Skipped(entry.name, "not-2d", f"{len(entry.shape)}-D, shape {entry.shape}")
+    return None
+
+
+def _match_names(base: set[str], tuned: set[str]) -> dict[str, str]:
+    """tuned name -> base name: identical names, plus one unambiguous prefix normalisation on either side."""
+    matched = {n: n for n in base & tuned}
+    only_base, only_tuned = base - tuned, tuned - base
+    prefix = _best_prefix(only_tuned, only_base)
+    if prefix is not None:  # tuned = prefix + base
+        extra = {t: t[len(prefix) :] for t in only_tuned if t.startswith(prefix) and t[len(prefix) :] in only_base}
+    elif (prefix := _best_prefix(only_base, only_tuned)) is not None:  # base = prefix + tuned
+        extra = {b[len(prefix) :]: b for b in only_base if b.startswith(prefix) and b[len(prefix) :] in only_tuned}
+    else:
+        return matched
+    log.info("normalised name prefix %r for %d tensors", prefix, len(extra))
+    return matched | extra
+
+
+def _best_prefix(longer: set[str], shorter: set[str]) -> str | None:
+    """The dotted prefix p with most names in `longer` equal to p + a name in `shorter`; None if none or a tie."""
+    votes: Counter[str] = Counter()
+    for name in longer:
+        for i, char in enumerate(name):
+            if char == "." and name[i + 1 :] in shorter:
+                votes[name[: i + 1]] += 1
+    if not votes:
+        return None
+    (prefix, n), *rest = votes.most_common(2)
+    if rest and rest[0][1] == n:
+        log.info("prefix normalisation skipped: %r and %r are equally likely", prefix, rest[0][0])
+        return None
+    return prefix
+
+
+def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options) -> Delta | Skipped:
+    """Read both tensors and return ΔW (upcast first, never subtracted in low precision), or Skipped if ΔW = 0.
+
+    ΔW is float64 for `precision="exact"` or float64 storage, float32 otherwise (exact for bf16/f16 inputs).
+    """
+    assert pair.base_name is not None
+    w_tuned, w_base = tuned.read(pair.name), base.read(pair.base_name)
+    wide = options.precision == "exact" or torch.float64 in (w_tuned.dtype, w_base.dtype)
+    work = torch.float64 if wide else torch.float32
+    dtype = tuned.entries[pair.name].dtype_name
+    noise = rounding_noise_energy(w_tuned, dtype)
+    values = w_tuned.to(work)
+    values.sub_(w_base.to(work))
+    del w_tuned
+    base_norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
+    if not torch.any(values):
+        return Skipped(pair.name, "unchanged", "ΔW = 0")
+    return Delta(pair.name, pair.shape, values, None, base_norm, dtype, noise)
+
+
+def rounding_noise_energy(w: torch.Tensor, dtype: str) -> float:
+    """Expected ‖noise‖_F² that storing `w` in `dtype` adds to ΔW: Σ ulp(w_ij)²/12 (0 for f32/f64 storage).
+
+    Rounding to nearest leaves an error uniform in ±ulp/2 per element, variance ulp²/12, where
+    ulp(w) = 2^(e − p + 1) for |w| in [2^e, 2^(e+1)) and p mantissa bits.
+    """
+    bits = MANTISSA_BITS.get(dtype)
+    if bits is None:
+        return 0.0
+    _, exponent = torch.frexp(w.float())  # w = m·2^E with m in [0.5, 1): e = E − 1
+    ulp = torch.pow(2.0, (exponent - bits).double())
+    ulp = torch.where(w != 0, ulp, 0.0)
+    return float(torch.sum(ulp * ulp)) / 12.0

@@ -1,0 +1,233 @@
+"""Spectrum -> LayerMetrics: energy ranks, baselines and LoRA coverage, in float64 numpy (no torch).
+
+Definitions and reference values are in METHODS.md §1–§3.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from scipy import integrate, optimize
+
+from spectra.records import GroupSummary, LayerMetrics, Options, Spectrum, Summary
+
+log = logging.getLogger(__name__)
+
+RANK_RTOL = 1e-6  # relative slack on τ·E, so k equal σ give ceil(τ·k) despite rounding in the cumulative sum
+
+
+def _cumulative_energy(s: np.ndarray) -> np.ndarray:
+    """Σ_{i≤k} σᵢ² for k = 1..len(s), float64."""
+    return np.cumsum(np.square(np.asarray(s, dtype=np.float64)))
+
+
+def energy_rank(s: np.ndarray, threshold: float, energy: float | None = None) -> int:
+    """Smallest k whose top-k singular values hold `threshold` of the energy; 0 only for a zero ΔW.
+
+    Args:
+        s: singular values, shape (r,), sorted descending; values beyond r (up to min(shape)) are zero.
+        threshold: share of the energy to explain, in (0, 1].
+        energy: ‖ΔW‖_F² computed directly from ΔW; None uses Σ σᵢ².
+    """
+    cum = _cumulative_energy(s)
+    if not cum.size or cum[-1] <= 0.0:
+        return 0
+    total = float(cum[-1]) if energy is None else float(energy)
+    if total <= 0.0:
+        return 0
+    k = int(np.searchsorted(cum, threshold * total * (1.0 - RANK_RTOL), side="left")) + 1
+    return min(max(k, 1), cum.size)
+
+
+def captured_energy(s: np.ndarray, ranks: Sequence[int], energy: float) -> dict[int, float]:
+    """Share E(r) = Σ_{i≤r} σᵢ² / ‖ΔW‖_F² kept by the best rank-r approximation, per r (0.0 if ΔW = 0).
+
+    Args:
+        s: singular values, shape (k,), sorted descending; r may exceed k (the rest are zero).
+        ranks: ranks r ≥ 1 to evaluate.
+        energy: ‖ΔW‖_F², computed directly.
+    """
+    cum = _cumulative_energy(s)
+    if energy <= 0.0 or not cum.size:
+        return {int(r): 0.0 for r in ranks}
+    return {int(r): min(float(cum[min(int(r), cum.size) - 1]) / energy, 1.0) for r in ranks}
+
+
+def stable_rank(s: np.ndarray, energy: float) -> float:
+    """‖ΔW‖_F² / σ₁²; 0.0 for a zero ΔW.
+
+    Args:
+        s: singular values, shape (k,), sorted descending.
+        energy: ‖ΔW‖_F², computed directly.
+    """
+    top = float(s[0]) if len(s) else 0.0
+    return float(energy) / top**2 if top > 0.0 else 0.0
+
+
+def effective_rank(s: np.ndarray) -> float:
+    """Roy–Vetterli effective rank exp(−Σ pᵢ log pᵢ), pᵢ = σᵢ / Σσ over the nonzero σ; 0.0 for a zero ΔW.
+
+    Args:
+        s: singular values, shape (k,), any order.
+    """
+    s = np.asarray(s, dtype=np.float64)
+    s = s[s > 0.0]
+    if not s.size:
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def random_rank(shape: tuple[int, int], threshold: float) -> int:
+    """Expected energy rank of an m×n Gaussian matrix (Marchenko–Pastur limit), in [1, min(m, n)].
+
+    Args:
+        shape: (m, n) in either order.
+        threshold: share of the energy to explain, in (0, 1].
+    """
+    return _mp_rank(min(shape), max(shape), float(threshold))
+
+
+@lru_cache(maxsize=1024)
+def _mp_rank(m: int, n: int, threshold: float) -> int:
+    """⌈m·F(t)⌉ where E(t) = threshold, in θ with x = 1 + q − 2√q·cos θ (METHODS.md §3)."""
+    q, sq = m / n, math.sqrt(m / n)
+
+    def energy_above(t: float) -> float:  # x·p(x)·dx = (2/π)·sin²θ·dθ, so E has a closed form
+        return (math.pi - t) / math.pi + math.sin(2.0 * t) / (2.0 * math.pi) - threshold
+
+    def density(t: float) -> float:  # p(x)·dx / dθ, bounded even at q = 1 (1/√x singularity at x = 0)
+        return 2.0 / math.pi * math.sin(t) ** 2 / (1.0 + q - 2.0 * sq * math.cos(t))
+
+    theta = 0.0 if threshold >= 1.0 else optimize.brentq(energy_above, 0.0, math.pi, xtol=1e-14)
+    share, _ = integrate.quad(density, theta, math.pi, epsabs=1e-13, epsrel=1e-12)
+    return min(max(math.ceil(m * float(share)), 1), m)
+
+
+def gavish_donoho_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
+    """Number of σ above the Gavish–Donoho hard threshold ω(β)·median(σ), noise level unknown.
+
+    Args:
+        s: singular values, shape (k,), k ≤ min(shape); the missing ones are zero and count in the median.
+        shape: (m, n) of ΔW, either order.
+    """
+    beta = min(shape) / max(shape)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    s = np.asarray(s, dtype=np.float64)
+    padded = np.concatenate([s, np.zeros(max(min(shape) - s.size, 0))])
+    return int(np.count_nonzero(s > omega * float(np.median(padded)))) if padded.size else 0
+
+
+def _split_key(name: str) -> tuple[tuple[str, ...], int | None]:
+    """(path after the block index without a trailing "weight", block index) of a checkpoint key."""
+    parts = name.split(".")
+    at = next((i for i, p in enumerate(parts) if p.isascii() and p.isdigit()), None)
+    path = parts[at + 1 :] if at is not None else parts
+    if len(path) > 1 and path[-1] == "weight":
+        path = path[:-1]
+    return tuple(path), None if at is None else int(parts[at])
+
+
+def module_kinds(names: Sequence[str]) -> dict[str, tuple[str, int | None]]:
+    """Checkpoint key -> (module kind, block index); the kind is the shortest path suffix unique in `names`.
+
+    "model.layers.3.self_attn.q_proj.weight" -> ("q_proj", 3); in BERT, "...attention.output.dense.weight"
+    -> ("attention.output.dense", i) and "...intermediate.dense.weight" -> ("intermediate.dense", i).
+
+    Args:
+        names: checkpoint keys, verbatim.
+    """
+    split = {name: _split_key(name) for name in names}
+    paths = {path for path, _ in split.values()}
+    n_ending = Counter(path[-k:] for path in paths for k in range(1, len(path) + 1))
+
+    def label(path: tuple[str, ...]) -> str:
+        unique = next((path[-k:] for k in range(1, len(path) + 1) if n_ending[path[-k:]] == 1), path)
+        return ".".join(unique)
+
+    return {name: (label(path), layer) for name, (path, layer) in split.items()}
+
+
+def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int | None) -> LayerMetrics:
+    """Every per-matrix measure of one spectrum, as Python scalars (JSON round-trips exactly).
+
+    Args:
+        spectrum: singular values and directly computed ‖ΔW‖_F² of one ΔW.
+        options: the analysis settings (threshold, lora_ranks).
+        kind, layer: module kind and block index, from `module_kinds`.
+    """
+    s, energy, (m, n) = spectrum.s, float(spectrum.energy), spectrum.shape
+    norm = math.sqrt(energy)
+    base = spectrum.base_norm
+    noise = float(spectrum.noise_energy)
+    noise_fraction = 0.0 if noise == 0.0 else (noise / energy if energy > 0.0 else math.inf)
+    return LayerMetrics(
+        name=spectrum.name,
+        shape=(m, n),
+        kind=kind,
+        layer=layer,
+        rank=energy_rank(s, options.threshold, energy),
+        stable_rank=stable_rank(s, energy),
+        effective_rank=effective_rank(s),
+        spectral_norm=float(s[0]) if len(s) else 0.0,
+        frobenius_norm=norm,
+        relative_change=norm / float(base) if base else None,
+        captured=captured_energy(s, options.lora_ranks, energy),
+        lora_params={r: r * (m + n) for r in options.lora_ranks},
+        random_rank=random_rank((m, n), options.threshold),
+        noise_fraction=noise_fraction,
+        noisy=noise_fraction >= max(1.0 - options.threshold, 0.01),
+        gd_rank=gavish_donoho_rank(s, (m, n)),
+        dtype=spectrum.dtype,
+        method=spectrum.method,
+        s=s,
+    )
+
+
+def _summarize_group(key: str, layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> GroupSummary:
+    """Medians of rank and rank / random rank, and energy-weighted captured energy, over `layers`."""
+    energies = [lm.frobenius_norm**2 for lm in layers]
+    total = float(sum(energies))
+    kept = {r: 0.0 for r in lora_ranks}
+    for lm, e in zip(layers, energies, strict=True):
+        for r, share in captured_energy(lm.s, lora_ranks, e).items():
+            kept[r] += share * e
+    ranks = [lm.rank for lm in layers]
+    return GroupSummary(
+        key=key,
+        n=len(layers),
+        median_rank=float(np.median(ranks)) if ranks else 0.0,
+        max_rank=max(ranks, default=0),
+        median_rank_ratio=float(np.median([lm.rank / lm.random_rank for lm in layers])) if layers else 0.0,
+        captured={r: kept[r] / total if total > 0.0 else 0.0 for r in kept},
+        energy=total,
+        n_noisy=sum(lm.noisy for lm in layers),
+    )
+
+
+def summarize(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> Summary:
+    """Model-level summaries: all matrices, one group per module kind (first-appearance order), one per block.
+
+    Matrices outside any block (layer None, e.g. lm_head) count in the overall and per-kind groups only.
+
+    Args:
+        layers: per-matrix metrics.
+        lora_ranks: LoRA ranks r at which the energy-weighted captured share is reported.
+    """
+    ranks = sorted({int(r) for r in lora_ranks})
+    kinds: dict[str, list[LayerMetrics]] = {}
+    blocks: dict[int, list[LayerMetrics]] = {}
+    for lm in layers:
+        kinds.setdefault(lm.kind, []).append(lm)
+        if lm.layer is not None:
+            blocks.setdefault(lm.layer, []).append(lm)
+    return Summary(
+        overall=_summarize_group("all", layers, ranks),
+        kinds=tuple(_summarize_group(k, group, ranks) for k, group in kinds.items()),
+        layers=tuple(_summarize_group(str(i), blocks[i], ranks) for i in sorted(blocks)),
+    )

@@ -1,0 +1,132 @@
+"""Save an Analysis as JSON and load it back into the same records, losslessly (full spectra included).
+
+The JSON follows the contract in DESIGN.md ("format": "spectra.analysis/1", "layers" with "rank",
+"singular_values", ...). Conversion is driven by the records' type hints, so a new field needs no code here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from spectra.errors import SpectraError
+from spectra.records import Analysis
+
+FORMAT = "spectra.analysis/1"
+
+
+def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
+    """Return the JSON-ready dict of `analysis` (contract keys first: format, base, tuned, threshold, layers, ...)."""
+    body = _encode(analysis)
+    assert isinstance(body, dict)
+    return {"format": FORMAT, "base": body.pop("base"), "tuned": body.pop("tuned"),
+            "threshold": analysis.options.threshold, **body}
+
+
+def analysis_from_dict(data: dict[str, Any]) -> Analysis:
+    """Rebuild an Analysis from `analysis_to_dict` output.
+
+    Raises:
+        SpectraError: not a spectra analysis, or an unknown format version.
+    """
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise SpectraError(f"not a spectra analysis (format {found!r}, expected {FORMAT!r})")
+    fields = {f.name for f in dataclasses.fields(Analysis)}
+    decoded = _decode(Analysis, {k: v for k, v in data.items() if k in fields})
+    assert isinstance(decoded, Analysis)
+    return decoded
+
+
+def dumps(analysis: Analysis) -> str:
+    return json.dumps(analysis_to_dict(analysis), indent=1, allow_nan=False)
+
+
+def save_analysis(analysis: Analysis, path: str | Path) -> Path:
+    """Write `analysis` as JSON to `path` atomically (temp file + rename); return the path."""
+    return write_atomic(Path(path), dumps(analysis))
+
+
+def load_analysis(path: str | Path) -> Analysis:
+    """Read an analysis JSON written by `save_analysis`.
+
+    Raises:
+        SpectraError: missing file, not JSON, or not a spectra analysis.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpectraError(f"{path}: no such file; write one with `spectra rank BASE TUNED --json {path}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpectraError(f"{path}: not a readable JSON file ({exc})") from None
+    try:
+        return analysis_from_dict(data)
+    except SpectraError as exc:
+        raise SpectraError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpectraError(f"{path}: damaged spectra analysis ({type(exc).__name__}: {exc})") from None
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` via a temp file in the same folder and os.replace: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("json", f.name))
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {_json_name(f): _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, np.ndarray):
+        return [float(x) for x in value.tolist()]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        return None
+    if origin in (Union, types.UnionType):
+        return _decode(next(a for a in args if a is not type(None)), value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        hints = typing.get_type_hints(hint)
+        fields = {_json_name(f): f.name for f in dataclasses.fields(hint)}
+        return hint(**{fields[k]: _decode(hints[fields[k]], v) for k, v in value.items() if k in fields})
+    if hint is np.ndarray:
+        return np.asarray(value, dtype=np.float64)
+    if origin is tuple:
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(_decode(item or args[i], v) for i, v in enumerate(value))
+    if origin is dict:
+        return {_decode(args[0], k): _decode(args[1], v) for k, v in value.items()}
+    if hint in (int, float, str, bool):
+        return hint(value)
+    return value

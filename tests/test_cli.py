@@ -1,0 +1,112 @@
+"""The command line: exit codes, stdout vs stderr, one-line errors without tracebacks, no partial output files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import PairFactory, save_checkpoint
+from spectra_cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, code: int, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_rank_prints_tables_to_stdout_and_writes_json(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    out = tmp_path / "out" / "analysis.json"
+    result = invoke("rank", base, tuned, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "rank@0.9" in result.stdout and "layers.0.mlp.rank8" in result.stdout
+    assert "4 matrices: median rank@0.9" in result.stdout
+    assert f"wrote {out}" in result.stderr
+    data = json.loads(out.read_text())
+    assert data["format"] == "spectra.analysis/1" and len(data["layers"]) == 4
+
+
+def test_tsv_output_is_machine_readable(planted_pair: PairFactory) -> None:
+    base, tuned, spectra = planted_pair()
+    result = invoke("rank", base, tuned, "--tsv", "--threshold", "0.5", "--lora-ranks", "4,8")
+    assert result.exit_code == 0
+    rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert rows[0][:4] == ["name", "rows", "cols", "rank"] and rows[0][-2:] == ["captured_4", "captured_8"]
+    assert [r[0] for r in rows[1:]] == list(spectra)
+    assert rows[1][3] == "4"  # rank8 at threshold 0.5
+
+
+def test_include_exclude_flags(planted_pair: PairFactory) -> None:
+    base, tuned, _ = planted_pair()
+    result = invoke("rank", base, tuned, "--tsv", "--include", "rank8|step", "--exclude", "step")
+    assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) == 2
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    assert_clean_error(invoke("rank", tmp_path / "nope", tmp_path / "nope2", "--json", out), 1, "nope", "no such file")
+    assert not out.exists()
+
+
+def test_not_safetensors(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, _, _ = planted_pair()
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("not a checkpoint")
+    assert_clean_error(invoke("rank", base, bad), 1, str(bad), "not a safetensors file")
+
+
+def test_truncated_checkpoint(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tuned.read_bytes()[:-500])
+    out = tmp_path / "a.json"
+    assert_clean_error(invoke("rank", base, cut, "--json", out), 1, str(cut), "truncated")
+    assert not out.exists() and not list(tmp_path.glob(".a.json*"))
+
+
+def test_pickle_bin_is_refused(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, _, _ = planted_pair()
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    assert_clean_error(invoke("rank", base, tmp_path / "pytorch_model.bin"), 1, "pickle", "safetensors")
+
+
+def test_no_matching_tensors(tmp_path: Path) -> None:
+    base = save_checkpoint({"a.weight": torch.randn(3, 3)}, tmp_path / "b")
+    tuned = save_checkpoint({"b.weight": torch.randn(3, 3)}, tmp_path / "t")
+    assert_clean_error(invoke("rank", base, tuned), 1, "no tensor names in common")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "nan"])
+def test_bad_threshold_is_a_usage_error(planted_pair: PairFactory, tmp_path: Path, value: str) -> None:
+    base, tuned, _ = planted_pair()
+    out = tmp_path / "a.json"
+    assert_clean_error(invoke("rank", base, tuned, "--threshold", value, "--json", out), 2, "threshold")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--device", "tpu"), ("--precision", "sloppy"), ("--lora-ranks", "8,x"),
+                                             ("--include", "([")])
+def test_bad_settings_are_usage_errors(planted_pair: PairFactory, flag: str, value: str) -> None:
+    base, tuned, _ = planted_pair()
+    assert_clean_error(invoke("rank", base, tuned, flag, value), 2, flag.removeprefix("--").split("-")[0])
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("spectra ")

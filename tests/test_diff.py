@@ -1,0 +1,90 @@
+"""diff: name pairing with reasons for everything skipped, upcast-before-subtract, and the rounding-noise estimate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import save_checkpoint
+from spectra import Options
+from spectra.diff import make_delta, pair_tensors, rounding_noise_energy
+from spectra.load import open_checkpoint
+
+
+def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], **options: object):  # type: ignore[no-untyped-def]
+    b = open_checkpoint(str(save_checkpoint(base, tmp_path / "b")))
+    t = open_checkpoint(str(save_checkpoint(tuned, tmp_path / "t")))
+    pairs, skipped = pair_tensors(b, t, Options(**options))  # type: ignore[arg-type]
+    return b, t, {p.name: p for p in pairs}, {s.name: s for s in skipped}
+
+
+def test_every_unanalysed_tensor_has_a_reason(tmp_path: Path) -> None:
+    w = torch.randn(4, 6)
+    base = {"x.weight": w, "norm.weight": torch.ones(4), "emb.weight": torch.randn(10, 6), "gone.weight": w.clone(),
+            "steps": torch.zeros(3, 3, dtype=torch.int64)}
+    tuned = {"x.weight": w + 1, "norm.weight": torch.ones(4), "emb.weight": torch.randn(12, 6), "new.weight": w.clone(),
+             "steps": torch.ones(3, 3, dtype=torch.int64)}
+    _, _, pairs, skipped = pair(tmp_path, base, tuned)
+    assert set(pairs) == {"x.weight"}
+    assert {n: s.reason for n, s in skipped.items()} == {
+        "norm.weight": "not-2d", "emb.weight": "shape-mismatch", "gone.weight": "only-in-base",
+        "new.weight": "only-in-tuned", "steps": "not-float"}
+    assert "(10, 6)" in skipped["emb.weight"].detail and "(12, 6)" in skipped["emb.weight"].detail
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", "model."])
+@pytest.mark.parametrize("side", ["tuned", "base"])
+def test_a_leading_prefix_on_one_side_is_normalised(tmp_path: Path, prefix: str, side: str) -> None:
+    names = ["layers.0.q.weight", "layers.1.q.weight", "head.weight"]
+    plain = {n: torch.randn(3, 3) for n in names}
+    prefixed = {prefix + n: t + 1 for n, t in plain.items()}
+    base, tuned = (plain, prefixed) if side == "tuned" else (prefixed, plain)
+    _, _, pairs, skipped = pair(tmp_path, base, tuned)
+    assert len(pairs) == 3 and not skipped
+    for p in pairs.values():
+        assert (p.name, p.base_name) in {(prefix + n, n) for n in names} | {(n, prefix + n) for n in names}
+
+
+def test_ambiguous_prefix_is_not_guessed(tmp_path: Path) -> None:
+    base = {"q.weight": torch.randn(2, 2), "k.weight": torch.randn(2, 2)}
+    tuned = {"a.q.weight": torch.randn(2, 2), "b.k.weight": torch.randn(2, 2)}
+    _, _, pairs, skipped = pair(tmp_path, base, tuned)
+    assert not pairs
+    assert {s.reason for s in skipped.values()} == {"only-in-base", "only-in-tuned"}
+
+
+def test_include_and_exclude(tmp_path: Path) -> None:
+    t = {f"layers.{i}.{k}.weight": torch.randn(3, 3) for i in range(2) for k in ("q", "v")}
+    _, _, pairs, skipped = pair(tmp_path, t, {k: v + 1 for k, v in t.items()}, include=r"\.q\.", exclude="layers.1")
+    assert set(pairs) == {"layers.0.q.weight"}
+    assert all(s.reason == "excluded" for s in skipped.values()) and len(skipped) == 3
+
+
+def test_unchanged_matrix_is_skipped_not_analysed(tmp_path: Path) -> None:
+    w = torch.randn(5, 5)
+    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w.clone()})
+    result = make_delta(b, t, pairs["w"], Options())
+    assert not hasattr(result, "values") and result.reason == "unchanged"  # type: ignore[union-attr]
+
+
+def test_bf16_update_is_subtracted_after_upcast(tmp_path: Path) -> None:
+    w = torch.full((4, 4), 1.0, dtype=torch.bfloat16)
+    w_next = (w.float() + 2.0**-7).bfloat16()  # one bf16 ulp up; bf16 arithmetic would also round it
+    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_next})
+    delta = make_delta(b, t, pairs["w"], Options())
+    assert delta.values is not None and delta.values.dtype == torch.float32  # type: ignore[union-attr]
+    assert torch.all(delta.values == 2.0**-7)  # type: ignore[union-attr]
+    assert delta.base_norm == pytest.approx(4.0)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.bfloat16, "bf16"), (torch.float16, "f16")])
+def test_noise_estimate_matches_measured_rounding_energy(dtype: torch.dtype, name: str) -> None:
+    """Σ ulp²/12 predicts ‖round(W) − W‖² for continuous W (here 300×400 Gaussian, within 3%)."""
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal((300, 400)) * 0.02)
+    stored = w.to(dtype)
+    measured = float(((stored.double() - w) ** 2).sum())
+    assert rounding_noise_energy(stored, name) == pytest.approx(measured, rel=0.03)
+    assert rounding_noise_energy(stored.float(), "f32") == 0.0

@@ -1,0 +1,97 @@
+"""load: layouts, lazy index, dtypes, and one clear CheckpointError per kind of bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import LAYOUTS, save_checkpoint
+from spectra import CheckpointError
+from spectra.load import open_checkpoint
+
+TENSORS = {
+    "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    "b.bias": torch.ones(3),
+    "c.weight": torch.full((2, 5), 0.5),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_lists_and_reads_tensors(tmp_path: Path, layout: str) -> None:
+    path = save_checkpoint(TENSORS, tmp_path, layout)
+    with open_checkpoint(str(path)) as ck:
+        assert set(ck.entries) == set(TENSORS)
+        assert ck.entries["a.weight"].shape == (3, 4)
+        assert ck.info.n_tensors == 3 and ck.info.dtypes == ("f32",)
+        assert ck.info.format == {"file": "safetensors", "folder": "folder", "shards": "sharded"}[layout]
+        for name, t in TENSORS.items():
+            assert torch.equal(ck.read(name), t)
+
+
+@pytest.mark.parametrize(("dtype", "short"), [(torch.float32, "f32"), (torch.float16, "f16"), (torch.bfloat16, "bf16")])
+def test_storage_dtypes_are_read_bit_exactly(tmp_path: Path, dtype: torch.dtype, short: str) -> None:
+    t = torch.randn(7, 9).to(dtype)
+    path = save_checkpoint({"w": t}, tmp_path)
+    with open_checkpoint(str(path)) as ck:
+        assert ck.entries["w"].dtype_name == short
+        got = ck.read("w")
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_index_is_read_without_tensor_data(tmp_path: Path) -> None:
+    path = save_checkpoint({"w": torch.randn(64, 64)}, tmp_path)
+    with open_checkpoint(str(path)) as ck:
+        assert ck.entries["w"].nbytes == 64 * 64 * 4
+        assert not ck._handles  # no tensor file opened until read()
+
+
+def expect_error(path: Path, *fragments: str) -> str:
+    with pytest.raises(CheckpointError) as info:
+        open_checkpoint(str(path))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    expect_error(tmp_path / "nope.safetensors", "no such file")
+
+
+def test_not_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "x.safetensors").write_text("hello, this is not a checkpoint at all")
+    expect_error(tmp_path / "x.safetensors", "not a safetensors file")
+
+
+def test_truncated_file_names_the_tensor(tmp_path: Path) -> None:
+    path = save_checkpoint({"w": torch.randn(32, 32)}, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    expect_error(path, "truncated", "'w'")
+
+
+def test_pickle_is_refused_never_unpickled(tmp_path: Path) -> None:
+    bomb = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(2)}, bomb)  # a zip-pickle; opening it must not unpickle
+    expect_error(bomb, "pickle", "safetensors")
+    renamed = tmp_path / "sneaky.safetensors"
+    renamed.write_bytes(bomb.read_bytes())
+    expect_error(renamed, "pickle")
+
+
+def test_folder_with_only_pickle_weights(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    expect_error(tmp_path, "pickle", "pytorch_model.bin")
+
+
+def test_missing_shard(tmp_path: Path) -> None:
+    path = save_checkpoint(TENSORS, tmp_path, "shards")
+    (path / "model-00002-of-00002.safetensors").unlink()
+    expect_error(path / "model.safetensors.index.json", "shard", "missing")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    expect_error(tmp_path, "no model.safetensors")
