@@ -98,3 +98,15 @@ def test_identical_checkpoints_are_a_mismatch(tmp_path: Path) -> None:
     base, tuned = save_checkpoint(t, tmp_path / "b"), save_checkpoint(t, tmp_path / "t")
     with pytest.raises(MismatchError, match="nothing changed"):
         analyze(str(base), str(tuned))
+
+
+def test_saved_files_get_normal_permissions(planted_pair: PairFactory, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    base, tuned, _ = planted_pair()
+    path = save_analysis(analyze(str(base), str(tuned)), tmp_path / "out" / "a.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp file left behind
