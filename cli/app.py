@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import track
 
 import spectra
-from spectra import OptionsError, SpectraError, analyze, save_analysis
+from spectra import Analysis, OptionsError, SpectraError, analyze, load_analysis, save_analysis
 from spectra.pipeline import ProgressHook
 from spectra.records import DEFAULT_LORA_RANKS, Options
 from spectra_cli import display
@@ -110,10 +110,80 @@ def rank(
         if json_path is not None:
             save_analysis(analysis, json_path)
             err.print(f"wrote {escape(str(json_path))}")
+        if html is not None:
+            write_html(analysis, html)
     if tsv:
         typer.echo(display.layer_tsv(analysis.layers, options.lora_ranks))
     else:
         out.print(display.rank_report(analysis))
+
+
+def write_html(analysis: Analysis, path: Path) -> None:
+    from spectra.report import write_report  # matplotlib loads only when a report is asked for
+
+    write_report(analysis, path)
+    err.print(f"wrote {escape(str(path))}")
+
+
+@app.command()
+def report(
+    analysis_json: Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
+) -> None:
+    """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
+    with user_errors():
+        write_html(load_analysis(analysis_json), output)
+
+
+@app.command()
+def recommend(
+    analysis_json: Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="adapter_config.json, or a folder")] = None,
+    target: Annotated[float, typer.Option(help="share of ΔW's energy the uniform rank must capture")] = 0.9,
+    max_rank: Annotated[int, typer.Option(help="largest uniform rank to recommend")] = 256,
+    budget: Annotated[int | None, typer.Option(help="parameters for per-module ranks (default: uniform r's)")] = None,
+    rslora: Annotated[bool, typer.Option(help="use rsLoRA scaling (α/√r) with α matched to the same scale")] = False,
+    include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
+    base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
+) -> None:
+    """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
+    from spectra.recommend import recommend as make_recommendation
+    from spectra.recommend import write_adapter_config
+
+    with user_errors():
+        if not 0.0 < target <= 1.0:
+            raise OptionsError(f"--target must be in (0, 1], got {target}")
+        if max_rank < 1 or (budget is not None and budget < 1):
+            raise OptionsError("--max-rank and --budget must be positive")
+        analysis = load_analysis(analysis_json)
+        rec = make_recommendation(analysis.layers, target=target, max_rank=max_rank, budget=budget, rslora=rslora,
+                                  include_embeddings=include_embeddings, base_model=base_model)
+        if rec is None:
+            raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
+        if output is not None:
+            written = write_adapter_config(rec, output)
+            err.print(f"wrote {escape(str(written))}")
+    out.print(display.recommendation_view(rec))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML report goes")] = Path("reports"),
+    fresh: Annotated[bool, typer.Option(help="retrain instead of reusing cached fine-tunes")] = False,
+    threads: Annotated[int, typer.Option(help="CPU threads for training (one is often fastest on 2 cores)")] = 1,
+    steps: Annotated[int, typer.Option(help="optimizer steps per fine-tune")] = 40,
+    verbose: Verbose = False,
+) -> None:
+    """Fine-tune a real model two ways (full, LoRA r=8) on a real task, offline, and compare the ranks learned."""
+    from spectra.demo import run_demo
+
+    setup_logging(verbose)
+    with user_errors():
+        if threads < 1 or steps < 1:
+            raise OptionsError("--threads and --steps must be at least 1")
+        result = run_demo(out_dir, fresh=fresh, threads=threads, steps=steps,
+                          echo=lambda line: err.print(escape(line)), progress=progress("working"))
+    out.print(display.demo_summary(result))
 
 
 def main() -> None:

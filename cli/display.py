@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from spectra import Analysis, GroupSummary, LayerMetrics
+from spectra import Analysis, GroupSummary, LayerMetrics, Recommendation
+
+if TYPE_CHECKING:
+    from spectra.demo import DemoResult
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
@@ -75,7 +79,44 @@ def rank_report(analysis: Analysis) -> RenderableType:
     if summary.layers:
         parts.append(summary_table("layer", summary.layers, opts.lora_ranks, opts.threshold))
     parts.append(headline(analysis))
+    if analysis.recommendation is not None:
+        parts.append(recommendation_view(analysis.recommendation))
     return Group(*parts)
+
+
+CAVEAT = ("Caveat: the rank needed to reconstruct ΔW can exceed the rank the task needs (Biderman et al. 2024); "
+          "E(r) is the most a rank-r LoRA could represent, not a prediction of task accuracy.")
+
+
+def recommendation_view(rec: Recommendation) -> RenderableType:
+    """The trade-off table, the chosen configuration, the reasoning, and advice kept apart from derived numbers."""
+    table = Table(title="uniform LoRA rank: trade-off over the targeted matrices", title_justify="left")
+    for col in ("r", "captured energy", "LoRA parameters", "% of full fine-tune"):
+        table.add_column(col, justify="right")
+    for row in rec.tradeoff:
+        style = "bold green" if row.r == rec.uniform_rank else None
+        table.add_row(str(row.r), _pct(row.captured), f"{row.params:,}", f"{100 * row.params_fraction:.2f}%",
+                      style=style)
+    config = rec.config
+    rslora = ", use_rslora" if config.get("use_rslora") else ""
+    gain = rec.allocation_captured - rec.uniform_captured
+    lines = [
+        Text.assemble(("Recommendation (derived from the spectra): ", "bold"), rec.reason),
+        Text(f"  uniform LoRA: r = {rec.uniform_rank}, lora_alpha = {2 * rec.uniform_rank} "
+             f"captures {_pct(rec.uniform_captured)}; target_modules = {', '.join(rec.target_modules)}"),
+        Text(f"  per-module ranks at the same budget ({rec.budget:,} parameters) capture "
+             f"{_pct(rec.allocation_captured)} ({100 * gain:+.1f} points): config r = {config.get('r')}, "
+             f"lora_alpha = {config.get('lora_alpha')}{rslora}, {len(config.get('rank_pattern') or {})} "
+             f"rank_pattern keys"),
+    ]
+    if rec.cap_binds:
+        lines.append(Text(f"  the cap max_rank={rec.max_rank} binds: a LoRA of that rank cannot capture "
+                          f"{_pct(rec.target)} of ΔW's energy.", style="yellow"))
+    lines.append(Text(CAVEAT, style="italic"))
+    if rec.advice:
+        lines.append(Text("Advice not derived from the spectrum (common practice):", style="bold"))
+        lines.extend(Text(f"  - {line}") for line in rec.advice)
+    return Group(table, *lines)
 
 
 def headline(analysis: Analysis) -> Text:
@@ -113,3 +154,22 @@ def layer_tsv(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> str:
                   m.noise_fraction, int(m.noisy), m.gd_rank, *(m.captured[r] for r in lora_ranks)]
         rows.append("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values))
     return "\n".join(rows)
+
+
+def demo_summary(result: DemoResult) -> RenderableType:
+    """The demo's headline: median rank per module kind for the full fine-tune vs the LoRA, and where the report is."""
+    threshold = result.full_analysis.options.threshold
+    table = Table(title=f"median rank@{threshold:g} of ΔW per module kind", title_justify="left")
+    table.add_column("module kind")
+    table.add_column("full fine-tune", justify="right")
+    table.add_column(f"LoRA r={result.lora_r}", justify="right")
+    for kind, rank in result.full_ranks.items():
+        lora = result.lora_ranks.get(kind)
+        table.add_row(kind, f"{rank:g}", "-" if lora is None else f"{lora:g}")
+    r = result.retrieval
+    text = Text()
+    text.append(f"held-out top-1 retrieval: base {r['base']:.3f}, full fine-tune {r['full']:.3f}, "
+                f"LoRA {r['lora']:.3f}\n")
+    text.append(f"largest rank of a merged-LoRA ΔW: {result.lora_max_rank} (≤ r = {result.lora_r})\n")
+    text.append(f"report: {result.report}", style="bold")
+    return Group(table, text)

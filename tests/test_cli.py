@@ -110,3 +110,25 @@ def test_bad_settings_are_usage_errors(planted_pair: PairFactory, flag: str, val
 def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0 and result.stdout.startswith("spectra ")
+
+
+def test_report_and_recommend_from_a_saved_analysis(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    saved = tmp_path / "a.json"
+    assert invoke("rank", base, tuned, "--json", saved).exit_code == 0
+    result = invoke("report", saved, "-o", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").read_text().lstrip().lower().startswith("<!doctype html")
+    result = invoke("recommend", saved, "-o", tmp_path / "adapter")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] >= 1
+    assert "trade-off" in result.stdout and "not derived from the spectrum" in result.stdout
+
+
+def test_report_of_a_missing_or_foreign_json(tmp_path: Path) -> None:
+    assert_clean_error(invoke("report", tmp_path / "none.json"), 1, "none.json", "no such file")
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    out = tmp_path / "r.html"
+    assert_clean_error(invoke("report", tmp_path / "other.json", "-o", out), 1, "not a spectra analysis")
+    assert not out.exists()
