@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import numpy as np
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.records import LayerMetrics, RankOption, Recommendation
+from spectra.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -506,21 +505,4 @@ def write_adapter_config(recommendation: Recommendation, path: str | Path) -> Pa
     """
     path = Path(path)
     target = path if path.suffix.lower() == ".json" else path / "adapter_config.json"
-    text = json.dumps(recommendation.config, indent=2) + "\n"
-    tmp: str | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = handle.name
-            handle.write(text)
-        os.replace(tmp, target)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise SpectraError(
-            f"{target}: cannot write the adapter config ({exc.strerror or exc}). "
-            "Check the folder exists and is writable."
-        ) from None
-    return target
+    return write_atomic(target, json.dumps(recommendation.config, indent=2) + "\n")
