@@ -30,7 +30,10 @@ out, err = Console(), Console(stderr=True, soft_wrap=True)  # messages never wra
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
     out = Console(width=130)
 
-Checkpoint = Annotated[str, typer.Argument(help="a .safetensors file or a model folder (single file or shards)")]
+CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
+Checkpoint = Annotated[str, typer.Argument(help=CHECKPOINT_HELP)]
+Tuned = Annotated[str | None, typer.Argument(help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
+                                                  "with one argument, that argument is an adapter analysed alone")]
 DEFAULT_RANKS_TEXT = ",".join(map(str, DEFAULT_LORA_RANKS))
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
 
@@ -86,7 +89,7 @@ def root(
 @app.command()
 def rank(
     base: Checkpoint,
-    tuned: Checkpoint,
+    tuned: Tuned = None,
     threshold: Annotated[float, typer.Option(help="share of ‖ΔW‖_F² the rank must explain, in (0, 1]")] = 0.9,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
@@ -98,15 +101,20 @@ def rank(
     lora_ranks: Annotated[str, typer.Option(help="LoRA ranks for captured energy")] = DEFAULT_RANKS_TEXT,
     batch_bytes: Annotated[int | None, typer.Option(help="bytes of ΔW stacked per batch (default: derived)")] = None,
     threads: Annotated[int | None, typer.Option(help="cap on CPU threads (default: torch's)")] = None,
+    download: Annotated[bool, typer.Option(help="let huggingface_hub fetch a hub id missing from the cache")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Print, per matrix, the rank that explains THRESHOLD of ΔW's energy, with the measures around it."""
+    """Print, per matrix, the rank that explains THRESHOLD of ΔW = TUNED − BASE's energy, with the measures around it.
+
+    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
+    """
     setup_logging(verbose)
     with user_errors():
         options = Options(threshold=threshold, lora_ranks=parse_ranks(lora_ranks), device=device,
                           precision=precision, include=include, exclude=exclude, batch_bytes=batch_bytes,
-                          threads=threads)
-        analysis = analyze(base, tuned, options, progress=progress("spectra"))
+                          threads=threads, download=download)
+        pair = (base, tuned) if tuned is not None else (None, base)
+        analysis = analyze(*pair, options, progress=progress("spectra"))
         if json_path is not None:
             save_analysis(analysis, json_path)
             err.print(f"wrote {escape(str(json_path))}")

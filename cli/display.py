@@ -38,7 +38,8 @@ def layer_table(analysis: Analysis) -> Table:
     """One row per analysed matrix."""
     opts = analysis.options
     names = short_names([m.name for m in analysis.layers])
-    table = Table(title=f"ΔW spectra: {analysis.tuned} − {analysis.base}", title_justify="left")
+    what = f"{analysis.tuned} − {analysis.base}" if analysis.base else f"{analysis.tuned} (adapter alone)"
+    table = Table(title=f"ΔW spectra: {what}", title_justify="left")
     for col in ("matrix", "shape", f"rank@{opts.threshold:g}", "random", "stable", "effective", "‖ΔW‖/‖W‖"):
         table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")
     table.add_column(f"E(r) % at r={'/'.join(map(str, opts.lora_ranks))}", justify="right")

@@ -109,20 +109,27 @@ def _best_prefix(longer: set[str], shorter: set[str]) -> str | None:
 def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options) -> Delta | Skipped:
     """Read both tensors and return ΔW (upcast first, never subtracted in low precision), or Skipped if ΔW = 0.
 
-    ΔW is float64 for `precision="exact"` or float64 storage, float32 otherwise (exact for bf16/f16 inputs).
+    ΔW is float64 for `precision="exact"` or float64 storage, float32 otherwise (exact for bf16/f16 inputs). The
+    rounding-noise estimate adds both sides' Σ ulp²/12 (each stored tensor was rounded once, independently), capped
+    at ‖ΔW‖_F².
     """
     assert pair.base_name is not None
     w_tuned, w_base = tuned.read(pair.name), base.read(pair.base_name)
     wide = options.precision == "exact" or torch.float64 in (w_tuned.dtype, w_base.dtype)
     work = torch.float64 if wide else torch.float32
     dtype = tuned.entries[pair.name].dtype_name
+    # both sides' storage rounding lands in ΔW (independent errors: their energies add)
     noise = rounding_noise_energy(w_tuned, dtype)
+    noise += rounding_noise_energy(w_base, base.entries[pair.base_name].dtype_name)
     values = w_tuned.to(work)
     values.sub_(w_base.to(work))
     del w_tuned
     base_norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
     if not torch.any(values):
         return Skipped(pair.name, "unchanged", "ΔW = 0")
+    # An update far below one ulp mostly rounds away; rounding then cannot account for more than all of ‖ΔW‖²
+    # (E‖ΔW‖² = ‖Δ‖² + E‖noise‖² for unbiased rounding), so the estimate is capped there.
+    noise = min(noise, float(torch.linalg.vector_norm(values)) ** 2)
     return Delta(pair.name, pair.shape, values, None, base_norm, dtype, noise)
 
 

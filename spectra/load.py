@@ -1,9 +1,11 @@
 """Open a safetensors checkpoint lazily: names, shapes and dtypes from the headers, one tensor at a time on demand.
 
 Layouts: a `.safetensors` file; a folder with `model.safetensors`; a folder with `model.safetensors.index.json` and
-its shards (Hugging Face). Tensors are read with plain positioned reads into a fresh tensor rather than through a
-memory map, so resident memory stays bounded by the tensors in flight, whatever the checkpoint's size. Pickle
-checkpoints (`.bin`, `.pt`) are refused, never unpickled.
+its shards (Hugging Face); a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`, format
+"peft-adapter", interpreted by spectra.adapter); a hub id `org/name[@revision]`, when no such path exists, resolved
+from the local Hugging Face cache (spectra.hub). Tensors are read with plain positioned reads into a fresh tensor
+rather than through a memory map, so resident memory stays bounded by the tensors in flight, whatever the
+checkpoint's size. Pickle checkpoints (`.bin`, `.pt`) are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from types import TracebackType
 import torch
 
 from spectra.errors import CheckpointError
+from spectra.hub import parse_hub_id, resolve_hub_id
 from spectra.records import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2**20
 
@@ -70,10 +75,11 @@ class TensorEntry:
 class Checkpoint:
     """An open checkpoint: the tensor index from the headers, and `read(name)` for one tensor at a time."""
 
-    def __init__(self, path: str, fmt: str, entries: dict[str, TensorEntry]) -> None:
-        self.path = path
+    def __init__(self, path: str, fmt: str, entries: dict[str, TensorEntry], location: Path | None = None) -> None:
+        self.path = path  # as the user gave it (a path or a hub id)
         self.format = fmt
         self.entries = entries
+        self.location = location if location is not None else Path(path)  # the file or folder actually read
         self._handles: dict[Path, io.BufferedReader] = {}
 
     def __enter__(self) -> Checkpoint:
@@ -119,28 +125,46 @@ class Checkpoint:
         return handle
 
 
-def open_checkpoint(path: str) -> Checkpoint:
+def open_checkpoint(path: str, *, download: bool = False) -> Checkpoint:
     """Open a checkpoint's index without reading tensor data.
 
     Args:
-        path: a `.safetensors` file, or a folder holding `model.safetensors` or a shard index.
+        path: a `.safetensors` file, a folder holding `model.safetensors`, a shard index or a PEFT adapter, or a hub
+            id `org/name[@revision]` (when no such path exists) found in the local Hugging Face cache.
+        download: let huggingface_hub download a hub id that is not cached.
 
     Raises:
-        CheckpointError: missing path, pickle checkpoint, corrupt or truncated file, incomplete shard set.
+        CheckpointError: missing path or hub id, pickle checkpoint, corrupt or truncated file, incomplete shard set.
     """
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        if parse_hub_id(path) is None:
+            raise CheckpointError(f"{path}: no such file or folder")
+        p = resolve_hub_id(path, download=download)
     if p.is_file():
-        return Checkpoint(path, "safetensors", read_header(p))
+        fmt = "peft-adapter" if p.name == ADAPTER_WEIGHTS and (p.parent / ADAPTER_CONFIG).is_file() else "safetensors"
+        return Checkpoint(path, fmt, read_header(p), p.parent if fmt == "peft-adapter" else p)
+    if (p / ADAPTER_CONFIG).is_file() and not (p / SINGLE_NAME).is_file() and not (p / INDEX_NAME).is_file():
+        return Checkpoint(path, "peft-adapter", read_header(_adapter_weights(p)), p)
     if (p / INDEX_NAME).is_file():
-        return Checkpoint(path, "sharded", _read_index(p / INDEX_NAME))
+        return Checkpoint(path, "sharded", _read_index(p / INDEX_NAME), p)
     if (p / SINGLE_NAME).is_file():
-        return Checkpoint(path, "folder", read_header(p / SINGLE_NAME))
+        return Checkpoint(path, "folder", read_header(p / SINGLE_NAME), p)
     files = sorted(p.glob("*.safetensors"))
     if len(files) == 1:
-        return Checkpoint(path, "folder", read_header(files[0]))
+        return Checkpoint(path, "folder", read_header(files[0]), p)
     raise CheckpointError(_explain_folder(p, files))
+
+
+def _adapter_weights(folder: Path) -> Path:
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return folder / ADAPTER_WEIGHTS
+    if (folder / "adapter_model.bin").is_file():
+        raise CheckpointError(
+            f"{folder}: the adapter's weights are a pickle (adapter_model.bin), which spectra never unpickles; "
+            "re-save it with peft: PeftModel.from_pretrained(base, dir).save_pretrained(out, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}; copy the adapter's weights here")
 
 
 def _explain_folder(folder: Path, files: list[Path]) -> str:

@@ -8,12 +8,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from spectra.diff import Pair, make_delta, natural_key, pair_tensors
-from spectra.errors import MismatchError
+from spectra.adapter import adapter_notes, make_factored_delta, pair_adapter
+from spectra.diff import make_delta, natural_key, pair_tensors
+from spectra.errors import CheckpointError, MismatchError
 from spectra.load import Checkpoint, open_checkpoint
 from spectra.metrics import compute_metrics, module_kinds, summarize
+from spectra.recommend import recommend
 from spectra.records import Analysis, Delta, LayerMetrics, Options, Skipped, Spectrum
 from spectra.spectrum import compute_spectra, resolve_device
 
@@ -34,40 +36,86 @@ def version() -> str:
         return "0+unknown"
 
 
-def analyze(base: str, tuned: str, options: Options | None = None, *, progress: ProgressHook = identity) -> Analysis:
+def analyze(
+    base: str | None, tuned: str, options: Options | None = None, *, progress: ProgressHook = identity
+) -> Analysis:
     """Return the spectral analysis of ΔW = tuned − base for every matched 2-D weight.
 
     Args:
-        base: the base checkpoint: a `.safetensors` file or a model folder (single file or shard index).
-        tuned: the fine-tuned checkpoint, same layouts.
-        options: settings (threshold, device, precision, filters, ...); defaults to Options().
+        base: the base checkpoint: a `.safetensors` file, a model folder (single file or shard index) or a hub id
+            `org/name[@revision]` in the local Hugging Face cache; None only when `tuned` is a PEFT adapter.
+        tuned: the fine-tuned checkpoint, same layouts, or a PEFT LoRA adapter folder (ΔW = scale·B@A, factored).
+        options: settings (threshold, device, precision, filters, download, ...); defaults to Options().
         progress: wraps the stream of computed matrices, e.g. `rich.progress.track` (it has a len()).
 
     Raises:
-        CheckpointError: a checkpoint is missing, corrupt, truncated or a pickle.
+        CheckpointError: a checkpoint is missing (or not cached), corrupt, truncated or a pickle; an adapter is not a
+            LoRA; BASE is an adapter; no BASE for a dense TUNED.
         MismatchError: no analysable tensor pairs, or nothing changed.
         OptionsError: device "cuda" without a GPU.
     """
     options = options or Options()
     started = time.perf_counter()
     device = resolve_device(options.device)
-    with open_checkpoint(base) as base_ck, open_checkpoint(tuned) as tuned_ck:
-        pairs, skipped = pair_tensors(base_ck, tuned_ck, options)
-        if not pairs:
-            raise MismatchError(_no_pairs_message(base_ck, tuned_ck, skipped))
-        spectra = _spectra_in_shape_order(base_ck, tuned_ck, pairs, skipped, options, device, progress)
-        base_info, tuned_info = base_ck.info, tuned_ck.info
+    with contextlib.ExitStack() as stack:
+        base_ck = None if base is None else stack.enter_context(open_checkpoint(base, download=options.download))
+        tuned_ck = stack.enter_context(open_checkpoint(tuned, download=options.download))
+        if base_ck is not None and base_ck.format == "peft-adapter":
+            raise CheckpointError(f"{base}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
+                                  "TUNED (or the adapter alone)")
+        if tuned_ck.format == "peft-adapter":
+            spectra, skipped, n_pairs = _adapter_spectra(base_ck, tuned_ck, options, device, progress)
+            notes = adapter_notes(base_ck)
+        elif base_ck is None:
+            raise CheckpointError(f"{tuned}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
+                                  "needed to form ΔW = tuned − base; pass BASE")
+        else:
+            spectra, skipped, n_pairs = _dense_spectra(base_ck, tuned_ck, options, device, progress)
+            notes = ()
+        base_info, tuned_info = (base_ck.info if base_ck is not None else None), tuned_ck.info
     if not spectra:
-        raise MismatchError(f"{tuned}: all {len(pairs)} matched 2-D tensors equal those of {base}; nothing changed")
+        raise MismatchError(_nothing_changed(base, tuned, n_pairs, tuned_info.format == "peft-adapter"))
     layers = build_layers(spectra, options)
     return Analysis(
         base=base, tuned=tuned, options=options, layers=layers,
         skipped=tuple(sorted(skipped, key=lambda s: natural_key(s.name))),
-        summary=summarize(layers, options.lora_ranks), recommendation=None,
+        summary=summarize(layers, options.lora_ranks), recommendation=recommend(layers),
         base_info=base_info, tuned_info=tuned_info, device=str(device),
         elapsed_s=time.perf_counter() - started, version=version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes,
     )
+
+
+def _dense_spectra(
+    base: Checkpoint, tuned: Checkpoint, options: Options, device: Any, progress: ProgressHook
+) -> tuple[list[Spectrum], list[Skipped], int]:
+    """Spectra of ΔW = tuned − base, formed densely; the skipped tensors; the number of matched pairs."""
+    pairs, skipped = pair_tensors(base, tuned, options)
+    if not pairs:
+        raise MismatchError(_no_pairs_message(base, tuned, skipped))
+    spectra = _spectra_in_shape_order(pairs, lambda p: make_delta(base, tuned, p, options), skipped, options,
+                                      device, progress)
+    return spectra, skipped, len(pairs)
+
+
+def _adapter_spectra(
+    base: Checkpoint | None, adapter: Checkpoint, options: Options, device: Any, progress: ProgressHook
+) -> tuple[list[Spectrum], list[Skipped], int]:
+    """Spectra of an adapter's ΔW = scale·B@A from the factors; the skipped tensors; the number of modules."""
+    pairs, skipped = pair_adapter(adapter, base, options)
+    if not pairs:
+        reasons = ", ".join(sorted({f"{s.reason}: {s.detail}" if s.detail else s.reason for s in skipped})[:3])
+        raise MismatchError(f"{adapter.path}: no LoRA factors to analyse (skipped: {reasons or 'nothing found'})")
+    spectra = _spectra_in_shape_order(pairs, lambda p: make_factored_delta(adapter, base, p), skipped, options,
+                                      device, progress)
+    return spectra, skipped, len(pairs)
+
+
+def _nothing_changed(base: str | None, tuned: str, n_pairs: int, adapter: bool) -> str:
+    if adapter:
+        return (f"{tuned}: all {n_pairs} adapted modules have ΔW = 0 (lora_B is zero, as PEFT initialises it); "
+                "was the adapter trained?")
+    return f"{tuned}: all {n_pairs} matched 2-D tensors equal those of {base}; nothing changed"
 
 
 def build_layers(spectra: Iterable[Spectrum], options: Options) -> tuple[LayerMetrics, ...]:
@@ -90,16 +138,29 @@ class _Counted(Sized, Iterable[T]):
         return self.items
 
 
+class _Job(Protocol):
+    """A matrix to compute: a dense pair or an adapter module."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+
+J = TypeVar("J", bound=_Job)
+
+
 def _spectra_in_shape_order(
-    base: Checkpoint, tuned: Checkpoint, pairs: list[Pair], skipped: list[Skipped],
+    jobs: list[J], make: Callable[[J], Delta | Skipped], skipped: list[Skipped],
     options: Options, device: Any, progress: ProgressHook,
 ) -> list[Spectrum]:
-    """Read pairs grouped by shape (so same-shape matrices batch together); unchanged ones go to `skipped`."""
-    ordered = sorted(pairs, key=lambda p: (p.shape, natural_key(p.name)))
+    """Make deltas grouped by shape (so same-shape matrices batch together); unchanged ones go to `skipped`."""
+    ordered = sorted(jobs, key=lambda p: (p.shape, natural_key(p.name)))
 
     def deltas() -> Iterator[Delta]:  # runs on the spectrum stage's reader thread
-        for pair in ordered:
-            delta = make_delta(base, tuned, pair, options)
+        for job in ordered:
+            delta = make(job)
             if isinstance(delta, Skipped):
                 skipped.append(delta)
             else:

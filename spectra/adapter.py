@@ -1,0 +1,282 @@
+"""PEFT LoRA adapters: map lora_A/lora_B factors to base-model weights and hand out ΔW = scale·B@A, factored.
+
+An adapter is read as PEFT writes it: `adapter_config.json` plus `adapter_model.safetensors` with keys
+`base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (also `.lora_A.<adapter>.weight`) and, for
+embeddings, `.lora_embedding_A` / `.lora_embedding_B`. The scale is PEFT's: lora_alpha/r, or lora_alpha/√r with
+`use_rslora`, with r and alpha looked up per module in `rank_pattern` / `alpha_pattern` exactly as peft's
+`get_pattern_key` does. ΔW is never formed: its spectrum comes from the factors (spectrum.py). Every tensor that is
+not a LoRA factor pair of a plain LoRA (DoRA magnitudes, LoRA variants, modules_to_save copies, trainable tokens)
+is reported as skipped with the reason, never read as something else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spectra.diff import _filter, _match_names
+from spectra.errors import CheckpointError
+from spectra.load import ADAPTER_CONFIG, Checkpoint
+from spectra.records import Delta, Options, Skipped
+
+log = logging.getLogger(__name__)
+
+# <prefix><module>.<part>[.<adapter name>][.weight|.bias]; the adapter name is never "weight" or "bias"
+LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
+)
+PREFIX = "base_model.model."
+# LoraConfig fields that switch on a LoRA variant whose ΔW is not scale·B@A (or whose modules are not the base's)
+VARIANTS = {
+    "use_dora": "DoRA",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "aLoRA (activated LoRA)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "layer_replication": "layer_replication",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSettings:
+    """What spectra needs from adapter_config.json (the fields PEFT's LoraConfig uses to build ΔW)."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    variant: str | None  # an unsupported LoRA variant switched on for every module, e.g. "DoRA"
+    modules_to_save: tuple[str, ...]
+    target_parameters: tuple[str, ...]
+
+    def rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """(r, lora_alpha) of `module` ("model.layers.0.self_attn.q_proj"), patterns applied as peft does."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        return int(r), float(alpha)
+
+    def scale(self, module: str) -> float:
+        """PEFT's scaling of B@A for `module`: lora_alpha/r, or lora_alpha/√r with rsLoRA."""
+        r, alpha = self.rank_and_alpha(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str:
+    """peft.utils.other.get_pattern_key: the first pattern p (a regex) with `(.*\\.)?(p)$` matching, else `module`."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return module
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterPair:
+    """One adapted module: its factor keys, the base weight it updates, and how ΔW is built from the factors."""
+
+    name: str  # the base model's key, e.g. "model.layers.0.self_attn.q_proj.weight"
+    base_name: str | None  # key in the base checkpoint (None without a base)
+    shape: tuple[int, int]  # shape of ΔW, the base weight's
+    a: str  # adapter key of A, shape (r, in) — (r, num_embeddings) for embeddings
+    b: str  # adapter key of B, shape (out, r) — (embedding_dim, r) for embeddings
+    scale: float
+    transpose: bool  # ΔW = (scale·B@A)ᵀ: embeddings, fan_in_fan_out (GPT-2 Conv1D)
+
+
+def read_lora_settings(adapter: Checkpoint) -> LoraSettings:
+    """Parse the adapter's adapter_config.json.
+
+    Raises:
+        CheckpointError: the config is missing or malformed, or the adapter is not a LoRA (IA3, LoKr, ...).
+    """
+    file = adapter.location / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+        assert isinstance(config, dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise CheckpointError(f"{file}: not a readable PEFT adapter config (a JSON object)") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        kind = peft_type or "unknown (no peft_type)"
+        raise CheckpointError(f"{adapter.path}: PEFT adapter type {kind} is not supported; spectra reads LoRA adapters")
+    try:
+        settings = _settings(config)
+    except (AttributeError, TypeError, ValueError, re.error) as exc:
+        raise CheckpointError(f"{file}: malformed LoRA config ({exc})") from None
+    return settings
+
+
+def _settings(config: dict[str, Any]) -> LoraSettings:
+    rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+    alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    for key in (*rank_pattern, *alpha_pattern):
+        re.compile(key)  # peft uses pattern keys as regular expressions
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if r < 1 or any(v < 1 for v in rank_pattern.values()):
+        raise ValueError(f"ranks must be positive, got r={r}, rank_pattern={rank_pattern}")
+    variants = [name for field, name in VARIANTS.items() if config.get(field)]  # init_lora_weights: init only
+    return LoraSettings(
+        r=r, lora_alpha=alpha, use_rslora=bool(config.get("use_rslora")),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out")), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        variant=" + ".join(variants) or None, modules_to_save=_names(config.get("modules_to_save")),
+        target_parameters=_names(config.get("target_parameters")),
+    )
+
+
+def _names(value: object) -> tuple[str, ...]:
+    """A config field that is None, one name, or a list of names."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return () if value is None else (str(value),)
+
+
+def pair_adapter(
+    adapter: Checkpoint, base: Checkpoint | None, options: Options
+) -> tuple[list[AdapterPair], list[Skipped]]:
+    """Group the adapter's tensors per module; return the analysable LoRA modules and everything skipped.
+
+    Names are the base model's keys (`<module>.weight`), matched to `base` by identical name or one prefix
+    normalisation. Base weights the adapter does not touch are not listed (their ΔW is zero by construction).
+
+    Args:
+        adapter: an open "peft-adapter" checkpoint.
+        base: the base checkpoint for shape checks and ‖W‖, or None.
+        options: include/exclude are applied to the base-model names.
+
+    Raises:
+        CheckpointError: bad adapter_config.json, a non-LoRA adapter, or several adapters in one file.
+    """
+    settings = read_lora_settings(adapter)
+    modules, skipped = _group(adapter, settings)
+    names = {module: f"{module}.weight" for module in modules}
+    base_of = _match_names(set(base.entries), set(names.values())) if base is not None else {}
+    pairs: list[AdapterPair] = []
+    for module, parts in modules.items():
+        name = names[module]
+        why = _filter(name, options) or _unsupported(name, module, parts, settings)
+        found = why or _pair(adapter, base, name, base_of.get(name), module, parts, settings)
+        if isinstance(found, AdapterPair):
+            pairs.append(found)
+        else:
+            skipped.append(found)
+    return pairs, skipped
+
+
+def _group(adapter: Checkpoint, settings: LoraSettings) -> tuple[dict[str, dict[str, str]], list[Skipped]]:
+    """module -> {part: key} for LoRA tensors; every other tensor is skipped with the reason."""
+    modules: dict[str, dict[str, str]] = {}
+    skipped: list[Skipped] = []
+    adapter_names: set[str] = set()
+    for key in adapter.entries:
+        match = LORA_KEY.match(key)
+        if match is None:
+            skipped.append(Skipped(key, "unsupported", _not_lora(key, settings)))
+        elif match["param"] == "bias":
+            skipped.append(Skipped(key, "not-2d", "LoRA bias (lora_bias=True); the weight's ΔW is analysed"))
+        else:
+            adapter_names.add(match["adapter"] or "")
+            modules.setdefault(match["module"], {})[match["part"]] = key
+    if len(adapter_names) > 1:
+        listed = ", ".join(sorted(n or "(none)" for n in adapter_names))
+        raise CheckpointError(f"{adapter.path}: holds several adapters ({listed}); save one adapter per folder")
+    return modules, skipped
+
+
+def _not_lora(key: str, settings: LoraSettings) -> str:
+    module = key.removeprefix(PREFIX).rsplit(".", 1)[0]
+    if ".base_layer." in key:
+        return "a copy of the base layer's weight saved with the adapter (save_embedding_layers), not a LoRA update"
+    if "trainable_tokens" in key:
+        return "trainable token deltas (trainable_token_indices), not LoRA factors"
+    if any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\.modules_to_save(\..+)?)?", module) for m in
+           settings.modules_to_save):
+        return "a modules_to_save copy: a fully trained weight, not LoRA factors; analyse the merged model for its ΔW"
+    return "not a LoRA factor (lora_A / lora_B / lora_embedding_A / lora_embedding_B)"
+
+
+def _unsupported(name: str, module: str, parts: dict[str, str], settings: LoraSettings) -> Skipped | None:
+    if settings.variant is not None:
+        return Skipped(name, "unsupported", f"{settings.variant} adapter: ΔW is not scale·B@A")
+    if "lora_magnitude_vector" in parts:
+        return Skipped(name, "unsupported", "DoRA (lora_magnitude_vector): ΔW is not scale·B@A")
+    if any(_targets_parameter(module, t) for t in settings.target_parameters):
+        return Skipped(name, "unsupported", "LoRA on a parameter (target_parameters, e.g. MoE experts)")
+    linear, embedding = {"lora_A", "lora_B"} & parts.keys(), {"lora_embedding_A", "lora_embedding_B"} & parts.keys()
+    if len(linear) + len(embedding) != 2 or (linear and embedding):
+        return Skipped(name, "unsupported", f"incomplete LoRA factors ({', '.join(sorted(parts))})")
+    return None
+
+
+def _targets_parameter(module: str, target: str) -> bool:
+    """peft's target_parameters match: `<module>.<param>` equals `target` or ends with `.target`."""
+    key = f"{module.replace('.base_layer', '')}.{target.rpartition('.')[2]}"
+    return key == target or key.endswith("." + target)
+
+
+def _pair(adapter: Checkpoint, base: Checkpoint | None, name: str, base_name: str | None, module: str,
+          parts: dict[str, str], settings: LoraSettings) -> AdapterPair | Skipped:
+    """Check ranks and shapes of one module's factors (and against the base weight) and orient ΔW."""
+    embedding = "lora_embedding_A" in parts
+    a = adapter.entries[parts["lora_embedding_A" if embedding else "lora_A"]]
+    b = adapter.entries[parts["lora_embedding_B" if embedding else "lora_B"]]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return Skipped(name, "not-2d", f"LoRA factors A {a.shape}, B {b.shape} (convolution?)")
+    if not (a.is_float and b.is_float):
+        return Skipped(name, "not-float", f"LoRA factors stored as {a.dtype_name}/{b.dtype_name}")
+    r, _ = settings.rank_and_alpha(module)
+    if not a.shape[0] == b.shape[1] == r:
+        detail = f"A {a.shape}, B {b.shape}, adapter_config r={r} for this module"
+        return Skipped(name, "shape-mismatch", detail)
+    transpose = embedding or settings.fan_in_fan_out
+    shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+    if base is not None:
+        if base_name is None:
+            return Skipped(name, "only-in-tuned", f"adapted module {module!r} is not in the base checkpoint")
+        base_shape = base.entries[base_name].shape
+        if base_shape != shape and base_shape == shape[::-1]:  # PEFT sets fan_in_fan_out per layer type (Conv1D)
+            shape, transpose = (shape[1], shape[0]), not transpose
+        elif base_shape != shape:
+            return Skipped(name, "shape-mismatch", f"base {base_shape} vs adapter ΔW {shape}")
+        name = base_name  # the base model's key, verbatim
+    return AdapterPair(name, base_name, shape, a.name, b.name, settings.scale(module), transpose)
+
+
+def make_factored_delta(adapter: Checkpoint, base: Checkpoint | None, pair: AdapterPair) -> Delta | Skipped:
+    """Read one module's factors (and ‖W_base‖_F if a base is given); return ΔW = B'A' factored, or Skipped if 0.
+
+    The factors are float64 with the scale folded into the first: ΔW = (scale·B) @ A, or Aᵀ @ (scale·B)ᵀ.
+    """
+    a, b = adapter.read(pair.a).double(), adapter.read(pair.b).double()
+    if not (torch.any(a) and torch.any(b)):
+        return Skipped(pair.name, "unchanged", "ΔW = 0 (lora_B is zero at PEFT's initialisation: untrained?)")
+    b.mul_(pair.scale)
+    factors = (a.mT, b.mT) if pair.transpose else (b, a)
+    base_norm = None
+    if base is not None and pair.base_name is not None:
+        base_norm = float(torch.linalg.vector_norm(base.read(pair.base_name), dtype=torch.float64))
+    dtype = adapter.entries[pair.b].dtype_name
+    # Noise energy 0: rounding the stored factors perturbs B and A, so ΔW stays exactly rank ≤ r; there is no
+    # full-rank storage floor for the spectrum to sink into, unlike a difference of two rounded dense weights.
+    return Delta(pair.name, pair.shape, None, factors, base_norm, dtype, 0.0)
+
+
+def adapter_notes(base: Checkpoint | None) -> tuple[str, ...]:
+    """Lines for Analysis.notes: what an adapter analysis reports differently, and what it cannot report."""
+    notes = ["ΔW comes from the adapter's LoRA factors (scale·B@A): each rank is at most the adapter's r, and "
+             "there is no storage-rounding floor (noise fraction 0)"]
+    if base is None:
+        notes.append("no BASE given: relative change ‖ΔW‖/‖W‖ is not reported and the adapter's shapes were not "
+                     "checked against the base model; pass BASE for both")
+    return tuple(notes)
