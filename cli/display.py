@@ -85,9 +85,6 @@ def rank_report(analysis: Analysis) -> RenderableType:
     return Group(*parts)
 
 
-CAVEAT = ("Caveat: the rank needed to reconstruct ΔW can exceed the rank the task needs (Biderman et al. 2024); "
-          "E(r) is the most a rank-r LoRA could represent, not a prediction of task accuracy.")
-
 
 def recommendation_view(rec: Recommendation) -> RenderableType:
     """The trade-off table, the chosen configuration, the reasoning, and advice kept apart from derived numbers."""
@@ -113,7 +110,7 @@ def recommendation_view(rec: Recommendation) -> RenderableType:
     if rec.cap_binds:
         lines.append(Text(f"  the cap max_rank={rec.max_rank} binds: a LoRA of that rank cannot capture "
                           f"{_pct(rec.target)} of ΔW's energy.", style="yellow"))
-    lines.append(Text(CAVEAT, style="italic"))
+    lines.append(Text(rec.caveat, style="italic"))
     if rec.advice:
         lines.append(Text("Advice not derived from the spectrum (common practice):", style="bold"))
         lines.extend(Text(f"  - {line}") for line in rec.advice)

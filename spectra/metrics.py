@@ -153,6 +153,25 @@ def module_kinds(names: Sequence[str]) -> dict[str, tuple[str, int | None]]:
     return {name: (label(path), layer) for name, (path, layer) in split.items()}
 
 
+# Projections in the order a transformer block runs them; kinds not listed keep their name order after these.
+BLOCK_ORDER = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "query", "key", "value", "attention.output.dense",
+    "c_attn", "attn.c_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj", "w1", "w3", "w2", "fc1", "fc2",
+    "intermediate.dense", "output.dense", "c_fc", "mlp.c_proj",
+)
+
+
+def reading_order(kind: str, layer: int | None) -> tuple[int, int, int]:
+    """Sort key: embeddings first, then each block's matrices in execution order, then heads (ties: by name).
+
+    Args:
+        kind, layer: as returned by `module_kinds`.
+    """
+    if layer is None:
+        return (0 if "embed" in kind or kind in ("wte", "wpe") else 2), 0, 0
+    return 1, layer, BLOCK_ORDER.index(kind) if kind in BLOCK_ORDER else len(BLOCK_ORDER)
+
+
 def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int | None) -> LayerMetrics:
     """Every per-matrix measure of one spectrum, as Python scalars (JSON round-trips exactly).
 

@@ -14,7 +14,7 @@ from spectra.adapter import adapter_notes, make_factored_delta, pair_adapter
 from spectra.diff import make_delta, natural_key, pair_tensors
 from spectra.errors import CheckpointError, MismatchError
 from spectra.load import Checkpoint, open_checkpoint
-from spectra.metrics import compute_metrics, module_kinds, summarize
+from spectra.metrics import compute_metrics, module_kinds, reading_order, summarize
 from spectra.recommend import recommend
 from spectra.records import Analysis, Delta, LayerMetrics, Options, Skipped, Spectrum
 from spectra.spectrum import compute_spectra, resolve_device
@@ -119,9 +119,10 @@ def _nothing_changed(base: str | None, tuned: str, n_pairs: int, adapter: bool) 
 
 
 def build_layers(spectra: Iterable[Spectrum], options: Options) -> tuple[LayerMetrics, ...]:
-    """Per-matrix metrics in natural key order, with module kinds and layer indices derived from all names."""
-    ordered = sorted(spectra, key=lambda s: natural_key(s.name))
-    kinds = module_kinds([s.name for s in ordered])
+    """Per-matrix metrics in reading order (embeddings, then each block in execution order, then heads)."""
+    spectra = list(spectra)
+    kinds = module_kinds([s.name for s in spectra])
+    ordered = sorted(spectra, key=lambda s: (reading_order(*kinds[s.name]), natural_key(s.name)))
     return tuple(compute_metrics(s, options, *kinds[s.name]) for s in ordered)
 
 

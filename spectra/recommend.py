@@ -39,8 +39,9 @@ ADVICE = (
     "Practice, not derived from this spectrum (Biderman et al. 2024): target all linear modules "
     "(q, k, v, o, gate, up, down) with α = 2r; LoRA suits instruction tuning better than continued pretraining.",
     "Practice, not derived from this spectrum (Hayou et al. 2024, LoRA+): learning rate of B = 16 × that of A.",
-    "Practice, not derived from this spectrum: LoRA wants a higher learning rate than full fine-tuning, typically "
-    "1e-4 to 5e-4; use the highest that trains stably (Biderman et al. 2024).",
+    "Practice, not derived from this spectrum (Biderman et al. 2024): LoRA is more sensitive to the learning rate "
+    "than full fine-tuning and usually wants a higher one (often about 10×); sweep it and use the highest that "
+    "trains stably.",
 )
 RSLORA_ADVICE = (
     "Practice, not derived from this spectrum (Kalajdzievski 2023, rsLoRA): the scale is α/√r; α = 2√r gives "
@@ -469,7 +470,6 @@ def recommend(
     second += f"; {n_zero} matrices get rank 0." if n_zero else "."
     reason = " ".join([first, second] + ([f"Not targeted: {', '.join(dropped)}."] if dropped else []))
     advice = (
-        CAVEAT,
         *ADVICE,
         *([RSLORA_ADVICE] if rslora else []),
         *([EXCLUDE_NOTE] if "exclude_modules" in config else []),
@@ -490,6 +490,7 @@ def recommend(
         config=config,
         reason=reason,
         advice=advice,
+        caveat=CAVEAT,
     )
 
 

@@ -204,6 +204,7 @@ class Recommendation:
     config: dict[str, Any]  # adapter_config.json content, loadable by peft.LoraConfig
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
+    caveat: str  # what captured energy does and does not promise (METHODS.md §1), shown next to the advice
 
 
 @dataclass(frozen=True, slots=True)

@@ -407,3 +407,17 @@ def test_summarize_empty() -> None:
     summary = summarize([], [8])
     assert summary.overall.n == 0 and summary.overall.captured == {8: 0.0}
     assert summary.kinds == () and summary.layers == ()
+
+
+def test_reading_order_lists_blocks_in_execution_order() -> None:
+    from spectra.metrics import reading_order
+
+    names = ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mystery.weight"]
+    kinds = module_kinds(names)
+    ordered = sorted(names, key=lambda n: reading_order(*kinds[n]))
+    assert ordered == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                       "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                       "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mystery.weight",
+                       "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]

@@ -206,7 +206,7 @@ def test_recommend_uniform_rank() -> None:
     assert rec.config["r"] == 8 and rec.config["lora_alpha"] == 16 and rec.config["rank_pattern"] == {}
     assert [o.r for o in rec.tradeoff] == [1, 2, 4, 8, 16, 32, 64]
     assert "Uniform rank 8" in rec.reason
-    assert rec.advice[0] == CAVEAT and all("not derived" in a for a in rec.advice[1:])
+    assert rec.caveat == CAVEAT and all("not derived" in a for a in rec.advice)
 
 
 def test_recommend_cap_binds() -> None:

@@ -78,6 +78,7 @@ def recommendation() -> Recommendation:
         config={"r": 16, "lora_alpha": 32},
         reason="Uniform rank 16 reaches the target <everywhere>.",
         advice=("Set lora_alpha = 2r.", "LoRA+: η_B/η_A = 16."),
+        caveat="Caveat: an upper bound <not> a prediction.",
     )
 
 
