@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from spectra.diff import _filter, _match_names
+from spectra.diff import filter_reason, match_names
 from spectra.errors import CheckpointError
 from spectra.load import ADAPTER_CONFIG, Checkpoint
 from spectra.records import Delta, Options, Skipped
@@ -161,11 +161,11 @@ def pair_adapter(
     settings = read_lora_settings(adapter)
     modules, skipped = _group(adapter, settings)
     names = {module: f"{module}.weight" for module in modules}
-    base_of = _match_names(set(base.entries), set(names.values())) if base is not None else {}
+    base_of = match_names(set(base.entries), set(names.values())) if base is not None else {}
     pairs: list[AdapterPair] = []
     for module, parts in modules.items():
         name = names[module]
-        why = _filter(name, options) or _unsupported(name, module, parts, settings)
+        why = filter_reason(name, options) or _unsupported(name, module, parts, settings)
         found = why or _pair(adapter, base, name, base_of.get(name), module, parts, settings)
         if isinstance(found, AdapterPair):
             pairs.append(found)

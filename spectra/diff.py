@@ -41,12 +41,12 @@ def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple
     Identical names pair. When one side carries an extra leading prefix (e.g. `base_model.model.`), the single
     prefix that explains the most unmatched names is stripped, provided the renaming is one-to-one.
     """
-    base_of = _match_names(set(base.entries), set(tuned.entries))
+    base_of = match_names(set(base.entries), set(tuned.entries))
     skipped = [Skipped(b, "only-in-base") for b in sorted(set(base.entries) - set(base_of.values()), key=natural_key)]
     pairs: list[Pair] = []
     for name in sorted(tuned.entries, key=natural_key):
         entry, base_name = tuned.entries[name], base_of.get(name)
-        why = _filter(name, options) or _unfit(entry)
+        why = filter_reason(name, options) or _unfit(entry)
         if why is None and base_name is None:
             why = Skipped(name, "only-in-tuned")
         if why is None and base_name is not None and base.entries[base_name].shape != entry.shape:
@@ -59,7 +59,7 @@ def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple
     return pairs, skipped
 
 
-def _filter(name: str, options: Options) -> Skipped | None:
+def filter_reason(name: str, options: Options) -> Skipped | None:
     if options.include is not None and not re.search(options.include, name):
         return Skipped(name, "excluded", f"does not match include {options.include!r}")
     if options.exclude is not None and re.search(options.exclude, name):
@@ -75,7 +75,7 @@ def _unfit(entry: TensorEntry) -> Skipped | None:
     return None
 
 
-def _match_names(base: set[str], tuned: set[str]) -> dict[str, str]:
+def match_names(base: set[str], tuned: set[str]) -> dict[str, str]:
     """tuned name -> base name: identical names, plus one unambiguous prefix normalisation on either side."""
     matched = {n: n for n in base & tuned}
     only_base, only_tuned = base - tuned, tuned - base
