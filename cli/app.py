@@ -113,8 +113,8 @@ def rank(
         options = Options(threshold=threshold, lora_ranks=parse_ranks(lora_ranks), device=device,
                           precision=precision, include=include, exclude=exclude, batch_bytes=batch_bytes,
                           threads=threads, download=download)
-        pair = (base, tuned) if tuned is not None else (None, base)
-        analysis = analyze(*pair, options, progress=progress("spectra"))
+        base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
+        analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
         if json_path is not None:
             save_analysis(analysis, json_path)
             err.print(f"wrote {escape(str(json_path))}")
