@@ -16,10 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectra import LayerMetrics, OptionsError, SpectraError
+from spectra.peft_config import EXCLUDE_NOTE, LEGACY_NOTE
 from spectra.recommend import (
     CAVEAT,
-    EXCLUDE_NOTE,
-    LEGACY_NOTE,
     allocate_ranks,
     recommend,
     uniform_tradeoff,

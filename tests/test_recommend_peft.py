@@ -181,7 +181,7 @@ def test_name_matching_mirrors_peft() -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
-    from spectra.recommend import _list_hits, _pattern_hits, _pattern_key
+    from spectra.peft_config import _list_hits, _pattern_hits, _pattern_key
 
     config = transformers.BertConfig(
         hidden_size=32,
