@@ -18,7 +18,7 @@ from rich.progress import track
 
 import spectra
 from spectra import Analysis, OptionsError, SpectraError, analyze, load_analysis, save_analysis
-from spectra.pipeline import ProgressHook
+from spectra.pipeline import ProgressHook, identity
 from spectra.records import DEFAULT_LORA_RANKS, Options
 from spectra_cli import display
 
@@ -69,7 +69,9 @@ def setup_logging(verbose: bool) -> None:
 
 
 def progress(description: str) -> ProgressHook:
-    """A progress bar on stderr, in the shape the library's progress hook expects."""
+    """A progress bar on stderr (a terminal only: logs stay clean), in the shape of the library's progress hook."""
+    if not err.is_terminal:
+        return identity
     return cast(ProgressHook, partial(track, description=description, console=err, transient=True))
 
 

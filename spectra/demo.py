@@ -135,10 +135,6 @@ def max_numerical_rank(analysis: Analysis) -> int:
                 for lm in analysis.layers if lm.relative_change), default=0)
 
 
-def _ranks_text(ranks: dict[str, float]) -> str:
-    return ", ".join(f"{kind} {rank:g}" for kind, rank in ranks.items())
-
-
 def _intro(trained: Trained, s: DemoSettings) -> str:
     r = trained.retrieval
     return (
@@ -233,11 +229,6 @@ def run_demo(
         lora_merged=trained.lora_merged, retrieval=dict(trained.retrieval), full_analysis=full, lora_analysis=lora,
         full_ranks=median_ranks(full), lora_ranks=median_ranks(lora), lora_r=s.lora_r,
         lora_max_rank=max_numerical_rank(lora), cached=cached, elapsed_s=time.perf_counter() - started)
-    label = f"rank@{options.threshold * 100:g}"
-    echo(f"full fine-tune, median {label} per module kind: {_ranks_text(result.full_ranks)}")
-    echo(f"LoRA r={s.lora_r}, median {label} per module kind: {_ranks_text(result.lora_ranks)} "
-         f"(largest numerical rank of a merged ΔW: {result.lora_max_rank}, bound r={s.lora_r})")
-    if result.lora_max_rank > s.lora_r:
+    if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (DemoResult)
         log.warning("a merged LoRA ΔW has numerical rank %d > r=%d", result.lora_max_rank, s.lora_r)
-    echo(f"report: {report}")
     return result
