@@ -6,6 +6,7 @@ Everything that is not analysed comes back as a `Skipped` with its reason; nothi
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -114,17 +115,20 @@ def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options
     at ‖ΔW‖_F².
     """
     assert pair.base_name is not None
-    w_tuned, w_base = tuned.read(pair.name), base.read(pair.base_name)
-    wide = options.precision == "exact" or torch.float64 in (w_tuned.dtype, w_base.dtype)
-    work = torch.float64 if wide else torch.float32
+    # one storage tensor at a time: tuned is read, measured and upcast before base is read (peak: ΔW + one input)
+    w_tuned = tuned.read(pair.name)
     dtype = tuned.entries[pair.name].dtype_name
+    wide = options.precision == "exact" or w_tuned.dtype == torch.float64 or base.entries[pair.base_name].code == "F64"
+    work = torch.float64 if wide else torch.float32
     # both sides' storage rounding lands in ΔW (independent errors: their energies add)
     noise = rounding_noise_energy(w_tuned, dtype)
-    noise += rounding_noise_energy(w_base, base.entries[pair.base_name].dtype_name)
     values = w_tuned.to(work)
-    values.sub_(w_base.to(work))
     del w_tuned
-    base_norm = float(torch.linalg.vector_norm(w_base, dtype=torch.float64))
+    w_base = base.read(pair.base_name)
+    noise += rounding_noise_energy(w_base, base.entries[pair.base_name].dtype_name)
+    _subtract(values, w_base)
+    base_norm = math.sqrt(_sum_squares(w_base))
+    del w_base
     if not torch.any(values):
         return Skipped(pair.name, "unchanged", "ΔW = 0")
     # An update far below one ulp mostly rounds away; rounding then cannot account for more than all of ‖ΔW‖²
@@ -137,12 +141,48 @@ def rounding_noise_energy(w: torch.Tensor, dtype: str) -> float:
     """Expected ‖noise‖_F² that storing `w` in `dtype` adds to ΔW: Σ ulp(w_ij)²/12 (0 for f32/f64 storage).
 
     Rounding to nearest leaves an error uniform in ±ulp/2 per element, variance ulp²/12, where
-    ulp(w) = 2^(e − p + 1) for |w| in [2^e, 2^(e+1)) and p mantissa bits.
+    ulp(w) = 2^(e − p + 1) for |w| in [2^e, 2^(e+1)) and p mantissa bits. For bf16 and f16 the sum is taken over
+    a histogram of the stored exponent bits (no float copies of `w`).
     """
     bits = MANTISSA_BITS.get(dtype)
     if bits is None:
         return 0.0
-    _, exponent = torch.frexp(w.float())  # w = m·2^E with m in [0.5, 1): e = E − 1
-    ulp = torch.pow(2.0, (exponent - bits).double())
-    ulp = torch.where(w != 0, ulp, 0.0)
-    return float(torch.sum(ulp * ulp)) / 12.0
+    layout = _EXPONENT_FIELDS.get(dtype)
+    if layout is None or w.dtype not in (torch.bfloat16, torch.float16):
+        _, exponent = torch.frexp(w.float())  # w = m·2^E with m in [0.5, 1): e = E − 1
+        ulp = torch.pow(2.0, (exponent - bits).double())
+        ulp = torch.where(w != 0, ulp, 0.0)
+        return float(torch.sum(ulp * ulp)) / 12.0
+    shift, mask, bias = layout
+    raw = w.reshape(-1).view(torch.int16)
+    counts = torch.zeros(mask + 1, dtype=torch.float64)
+    for i in range(0, raw.numel(), 1 << 20):  # small temporaries, whatever the tensor size
+        field = raw[i : i + (1 << 20)] >> shift
+        field.bitwise_and_(mask)
+        counts += torch.bincount(field, minlength=mask + 1)
+    if counts[0] > 0:  # exponent field 0 holds zeros (no noise) and subnormals
+        counts[0] -= int(torch.count_nonzero((raw & 0x7FFF) == 0))
+    # a normal number with exponent field b has |w| in [2^(b − bias), 2^(b − bias + 1)): ulp = 2^(b − bias − p + 1);
+    # subnormals are spaced like b = 1; field `mask` is inf/nan
+    b = torch.arange(mask + 1, dtype=torch.float64).clamp_(min=1)
+    ulp2 = torch.pow(2.0, 2 * (b - bias - bits + 1))
+    ulp2[mask] = 0.0
+    return float(torch.sum(counts * ulp2)) / 12.0
+
+
+def _subtract(values: torch.Tensor, w: torch.Tensor, chunk: int = 1 << 20) -> None:
+    """values −= w, upcasting `chunk` elements of w at a time (a mixed-dtype sub_ on the CPU copies all of w)."""
+    flat, other = values.view(-1), w.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        flat[i : i + chunk].sub_(other[i : i + chunk].to(values.dtype))
+
+
+def _sum_squares(w: torch.Tensor, chunk: int = 1 << 16) -> float:
+    """Σ w² in float64, upcasting `chunk` elements at a time (no float64 copy of a large tensor)."""
+    flat = w.reshape(-1)
+    return sum((float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
+                for i in range(0, flat.numel(), chunk)), 0.0)
+
+
+# storage dtype -> (mantissa field width, exponent mask, exponent bias)
+_EXPONENT_FIELDS = {"bf16": (7, 0xFF, 127), "f16": (10, 0x1F, 15)}

@@ -1,38 +1,53 @@
-"""ΔW -> singular values, on the CPU or a GPU. The only module that knows how σ is computed.
+"""ΔW -> Spectrum on the CPU or a GPU: devices, batching, worker threads and read-ahead. The σ math is sigma.py.
 
-Methods (chosen by `Options.precision`):
-- "exact": float64 values-only SVD (LAPACK gesdd on the CPU, cuSOLVER gesvd on CUDA).
-- "fast": eigenvalues of the Gram matrix on the smaller side (ΔWΔWᵀ or ΔWᵀΔW) in float32, negative eigenvalues
-  clamped, σ = √λ. Energies (ranks, captured energy, stable rank) match "exact"; σ below the float32 resolution
-  floor √(√k·u₃₂)·σ₁ are unresolved, so a matrix with more than 1% of its σ under that floor (a numerically
-  low-rank ΔW, where the tail matters for plots and effective rank) is recomputed with a float64 Gram matrix.
-- Factored deltas (adapters, ΔW = B A): QR of B and Aᵀ, then the SVD of the r×r core, float64; ΔW is never formed.
-‖ΔW‖_F² is always computed directly from ΔW (or the core), in float64, not from σ.
-
-Same-shape matrices are stacked into one call up to a byte budget, and a background thread reads and diffs the
-next batch while the current one computes (a bounded queue keeps at most two batches waiting).
+Scheduling. A background reader thread reads and diffs ahead while the linear algebra runs; it hands one item
+over and waits until it is taken before building the next, so memory stays bounded whatever the model size.
+- CUDA: the reader moves each ΔW to the device as soon as it is formed (host memory holds one ΔW at a time), and
+  same-shape matrices are stacked into one call up to a byte budget (a sixth of free device memory: the batch,
+  its stacked copy and the reader's next batch fit in half); the whole ΔW → Gram → eigvalsh chain stays on the
+  device and only σ comes back.
+- CPU: matrices are spread over `threads` worker threads that each run single-threaded BLAS/LAPACK, up to the
+  byte budget in flight. LAPACK's own threading forks and joins threads at every Householder step of the
+  eigensolver, which on a small machine shared with other processes is many times slower than one thread per
+  matrix. A matrix larger than budget/threads runs alone, its matrix products on all threads. The reader's torch
+  operations run on one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import Generator, Iterable, Iterator
-from typing import Final
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Final, TypeVar
 
-import numpy as np
 import torch
 
 from spectra.errors import OptionsError
 from spectra.records import Delta, Options, Spectrum
+from spectra.sigma import (
+    cpu_threads,
+    exact_values,
+    factored_values,
+    fast_values,
+    frobenius_energy,
+    full_float32,
+)
 
 log = logging.getLogger(__name__)
 
-U32: Final = 2.0**-24  # float32 unit roundoff
-LOW_RANK_SHARE: Final = 0.01  # recompute in float64 when more than this share of σ is below the float32 floor
-CPU_BATCH_BYTES: Final = 256 * 2**20
+T = TypeVar("T")
+
+CPU_BATCH_BYTES: Final = 128 * 2**20  # ΔW bytes in flight on the CPU workers
+TRIM_EVERY: Final = 2**30  # ΔW bytes computed on the CPU between two malloc_trim calls
+READER_THREADS: Final = 1  # intra-op threads of the CPU reader thread (upcast, subtract, norms)
+CPU: Final = torch.device("cpu")
 _DONE: Final = object()
 
 
@@ -48,12 +63,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def batch_budget(options: Options, device: torch.device) -> int:
-    """Bytes of stacked ΔW per batch: the option, or a quarter of free GPU memory, or 256 MiB on the CPU."""
+    """Bytes of ΔW computed at once: the option, or a sixth of free GPU memory, or 128 MiB on the CPU."""
     if options.batch_bytes is not None:
         return options.batch_bytes
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(free // 4, 1)
+        return max(free // 6, 1)
     return CPU_BATCH_BYTES
 
 
@@ -68,42 +83,78 @@ def compute_spectra(
         device: where the linear algebra runs.
     """
     budget = batch_budget(options, device)
-    log.info("spectrum: device %s, precision %s, batch budget %d MiB", device, options.precision, budget >> 20)
-    with _threads(options.threads), _no_tf32():
-        for batch in _prefetch(_batches(deltas, budget)):
-            yield from _compute_batch(batch, options.precision, device)
+    with cpu_threads(options.threads), full_float32():
+        if device.type == "cpu":
+            workers = torch.get_num_threads()
+            log.info("spectrum: cpu, %d workers, precision %s, %d MiB in flight", workers, options.precision,
+                     budget >> 20)
+            with contextlib.closing(_prefetch(iter(deltas), READER_THREADS)) as items:
+                yield from _compute_cpu(items, options.precision, budget, workers)
+        else:
+            log.info("spectrum: %s, precision %s, batch budget %d MiB", device, options.precision, budget >> 20)
+            with contextlib.closing(_prefetch(_batches(_on_device(deltas, device), budget))) as batches:
+                for batch in batches:
+                    yield from _compute_batch(batch, options.precision, device)
 
 
 def _batches(deltas: Iterable[Delta], budget: int) -> Iterator[list[Delta]]:
-    """Group consecutive same-shape dense deltas into batches of at most `budget` bytes (at least one each)."""
+    """Group consecutive same-shape dense deltas into batches of at most `budget` bytes (at least one each).
+
+    A batch is handed on as soon as one more matrix of its shape would not fit, without reading the next delta.
+    """
     batch: list[Delta] = []
     size = 0
     for delta in deltas:
-        nbytes = delta.values.numel() * delta.values.element_size() if delta.values is not None else 0
+        nbytes = _nbytes(delta)
         fits = batch and delta.values is not None and batch[0].values is not None
         if batch and not (fits and batch[0].shape == delta.shape and size + nbytes <= budget):
             yield batch
             batch, size = [], 0
         batch.append(delta)
         size += nbytes
+        if delta.values is not None and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch
 
 
-def _prefetch(batches: Iterator[list[Delta]]) -> Iterator[list[Delta]]:
-    """Run `batches` on a reader thread, one batch ahead; re-raise its errors here."""
+def _on_device(deltas: Iterable[Delta], device: torch.device) -> Iterator[Delta]:
+    """The deltas with dense values moved to `device` (on the reader thread; factors stay where they are)."""
+    for delta in deltas:
+        if delta.values is not None and delta.values.device != device:
+            delta = dataclasses.replace(delta, values=delta.values.to(device))
+        yield delta
+
+
+def _nbytes(delta: Delta) -> int:
+    return delta.values.numel() * delta.values.element_size() if delta.values is not None else 0
+
+
+def _prefetch(items: Iterator[T], reader_threads: int | None = None) -> Generator[T, None, None]:
+    """Run `items` on a reader thread, one item ahead; re-raise its errors here.
+
+    The reader starts on item i+1 once item i is taken, and waits with i+1 ready until i+1 is taken: it never
+    holds more than one finished item.
+
+    Args:
+        items: the producer; it runs entirely on the reader thread.
+        reader_threads: torch intra-op threads for the reader (thread counts are per calling thread); None: as is.
+    """
     slots: queue.Queue[object] = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)
     stop = threading.Event()
 
     def reader() -> None:
+        if reader_threads is not None:
+            torch.set_num_threads(reader_threads)
         try:
-            for batch in batches:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        slots.put(batch, timeout=0.1)
-                        break
-                if stop.is_set():
-                    return
+            for item in items:
+                slots.put(item)  # the slot is free: the previous item was taken
+                del item
+                while not taken.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
             slots.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             slots.put(exc)
@@ -111,11 +162,15 @@ def _prefetch(batches: Iterator[list[Delta]]) -> Iterator[list[Delta]]:
     thread = threading.Thread(target=reader, name="spectra-reader", daemon=True)
     thread.start()
     try:
-        while (item := slots.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, list)
-            yield item
+        while True:
+            got = slots.get()
+            taken.release()
+            if got is _DONE:
+                break
+            if isinstance(got, BaseException):
+                raise got
+            yield got  # type: ignore[misc]  # anything but _DONE or an exception is a T from `items`
+            del got
     finally:
         stop.set()
         with contextlib.suppress(queue.Empty):
@@ -123,72 +178,106 @@ def _prefetch(batches: Iterator[list[Delta]]) -> Iterator[list[Delta]]:
         thread.join()
 
 
+def _compute_cpu(deltas: Iterator[Delta], precision: str, budget: int, workers: int) -> Iterator[Spectrum]:
+    """Spectra of `deltas` in input order, at most `workers` matrices and `budget` bytes in flight.
+
+    Each worker runs single-threaded; a matrix of more than budget/workers bytes runs alone, with `workers`
+    threads for its matrix products (its eigensolver stays on one thread). Freed memory is handed back to the
+    system (malloc_trim) before a matrix of more than budget/2 bytes starts and after every TRIM_EVERY bytes:
+    glibc otherwise keeps the freed blocks of the many mid-sized tensors, and peak RSS grows with the model.
+    """
+    pending: deque[tuple[Future[Spectrum], int, bool]] = deque()
+    in_flight = done = 0
+    with ThreadPoolExecutor(workers, "spectra-cpu", initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for delta in deltas:
+            nbytes = _nbytes(delta)
+            big = workers > 1 and nbytes > budget // workers
+            while pending and (big or pending[0][2] or len(pending) >= workers or in_flight + nbytes > budget):
+                future, size, _ = pending.popleft()
+                in_flight -= size
+                done += size
+                yield future.result()
+            if nbytes > budget // 2 or done >= TRIM_EVERY:
+                _trim()
+                done = 0
+            pending.append((pool.submit(_cpu_spectrum, delta, precision, workers if big else 1), nbytes, big))
+            in_flight += nbytes
+            del delta
+        while pending:
+            yield pending.popleft()[0].result()
+
+
+def _cpu_spectrum(delta: Delta, precision: str, threads: int) -> Spectrum:
+    """One matrix on a CPU worker: energy and matrix products on `threads` threads, eigensolver on one."""
+    if delta.values is None:
+        return _factored_spectrum(delta, CPU)
+    x = delta.values.unsqueeze(0)
+    with cpu_threads(threads):
+        energy = float(frobenius_energy(x)[0])
+        if precision == "exact":
+            s, method = exact_values(x).numpy()[0], "svd-f64"
+    if precision != "exact":
+        values, methods = fast_values(x, gemm_threads=threads)
+        s, method = values[0], methods[0]
+    d = delta
+    return Spectrum(d.name, d.shape, s, energy, d.base_norm, d.dtype, d.noise_energy, method)
+
+
 def _compute_batch(batch: list[Delta], precision: str, device: torch.device) -> list[Spectrum]:
+    """A stack of same-shape matrices in one call on `device` (the CUDA path)."""
     if batch[0].values is None:
         return [_factored_spectrum(d, device) for d in batch]
     values = [d.values for d in batch if d.values is not None]
     x = (values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)).to(device)
-    energy = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64).square().cpu().numpy()
+    del values
+    energy = frobenius_energy(x).cpu().numpy()
     if precision == "exact":
-        driver = "gesvd" if device.type == "cuda" else None
-        s, methods = torch.linalg.svdvals(x.double(), driver=driver).cpu().numpy(), ["svd-f64"] * len(batch)
+        s, methods = exact_values(x).cpu().numpy(), ["svd-f64"] * len(batch)
     else:
-        s, methods = _fast_values(x)
+        s, methods = fast_values(x)
     return [
         Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i])
         for i, d in enumerate(batch)
     ]
 
 
-def gram_values(x: torch.Tensor) -> torch.Tensor:
-    """σ of each matrix in `x` (b, m, n) from the eigenvalues of its smaller Gram matrix, float64, descending."""
-    if x.shape[-2] > x.shape[-1]:
-        x = x.mT
-    lam: torch.Tensor = torch.linalg.eigvalsh(x @ x.mT)
-    return lam.flip(-1).clamp_min(0).double().sqrt()
 
 
-def _fast_values(x: torch.Tensor) -> tuple[np.ndarray, list[str]]:
-    """float32 Gram route, with float64 redone for matrices whose σ tail falls below float32's resolution."""
-    s = gram_values(x.float()).cpu().numpy()
-    k = s.shape[-1]
-    floor = np.sqrt(np.sqrt(k) * U32) * s[:, :1]
-    low_rank = np.count_nonzero(s < floor, axis=-1) > LOW_RANK_SHARE * k
-    methods = ["gram-f64" if redo else "gram-f32" for redo in low_rank]
-    for i in np.flatnonzero(low_rank):
-        s[i] = gram_values(x[i : i + 1].double()).cpu().numpy()[0]
-    return s, methods
+
+
+
+
+
+
+
+
+
+
+
+
+
+
 
 
 def _factored_spectrum(delta: Delta, device: torch.device) -> Spectrum:
-    """σ(B A) = σ(R_B R_Aᵀ) with B = Q_B R_B and Aᵀ = Q_A R_A: an r×r SVD instead of an m×n one."""
     assert delta.factors is not None
-    b, a = (f.to(device=device, dtype=torch.float64) for f in delta.factors)
-    core = torch.linalg.qr(b, mode="r").R @ torch.linalg.qr(a.mT, mode="r").R.mT
-    energy = float(torch.linalg.matrix_norm(core).square())
-    s = torch.linalg.svdvals(core).cpu().numpy()
+    b, a = (f.to(device) for f in delta.factors)
+    s, energy = factored_values(b, a)
     d = delta
     return Spectrum(d.name, d.shape, s, energy, d.base_norm, d.dtype, d.noise_energy, "factored-f64")
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Cap torch's intra-op threads for the duration (on small shared machines fewer threads can be faster)."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+def _load_trim() -> Callable[[], object]:
+    """glibc's malloc_trim(0) (return freed heap memory to the system), or a no-op elsewhere."""
     try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
 
 
-@contextlib.contextmanager
-def _no_tf32() -> Iterator[None]:
-    """Keep float32 matmuls in full float32 (no TF32 / bf16 shortcuts) while spectra compute."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+_trim = _load_trim()
+
+
+
+

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # each library module may import only modules listed before it (plus itself)
-ORDER = ["errors", "records", "hub", "load", "diff", "adapter", "spectrum", "metrics", "store", "peft_config",
+ORDER = ["errors", "records", "hub", "load", "diff", "adapter", "sigma", "spectrum", "metrics", "store", "peft_config",
          "recommend", "pipeline", "plots", "report", "demo_data", "demo_train", "demo"]
 TORCH_FREE = {"errors", "records", "hub", "metrics", "peft_config", "recommend", "store", "plots", "report"}
 

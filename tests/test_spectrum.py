@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,7 +15,8 @@ from conftest import planted_matrix, planted_spectra, requires_cuda
 from spectra import Options
 from spectra.metrics import captured_energy, energy_rank, stable_rank
 from spectra.records import Delta, Spectrum
-from spectra.spectrum import compute_spectra, resolve_device
+from spectra.sigma import SMALL_K, U32, frobenius_energy, gram_matrix, unresolved
+from spectra.spectrum import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
 
@@ -74,6 +77,72 @@ def test_numerically_low_rank_delta_is_redone_in_float64() -> None:
     np.testing.assert_allclose(fast.s, ref, atol=1e-6 * ref[0])
 
 
+def test_realistic_full_rank_delta_stays_float32_with_its_small_values_accurate() -> None:
+    """Power-law signal plus 5% Gaussian noise, square: 3% of σ lie under the worst-case float32 floor (the old
+    rule redid it in float64), yet float32 resolves them to 1e-4·σ1; effective and Gavish–Donoho ranks agree."""
+    from spectra.metrics import effective_rank, gavish_donoho_rank
+
+    rng = np.random.default_rng(7)
+    k = 300
+    s = np.zeros(k)
+    s[:75] = 1.0 / np.arange(1, 76)
+    signal = planted_matrix((k, k), s, rng)
+    noise = rng.standard_normal((k, k))
+    x = signal / np.linalg.norm(signal) + noise * np.sqrt(0.05 / 0.95) / np.linalg.norm(noise)
+    ref = scipy.linalg.svdvals(x.astype(np.float32).astype(np.float64))
+    assert np.count_nonzero(ref < np.sqrt(np.sqrt(k) * U32) * ref[0]) > 0.01 * k
+    fast = run([dense("full", x)])[0]
+    assert fast.method == "gram-f32"
+    np.testing.assert_allclose(fast.s, ref, atol=1e-4 * ref[0])
+    assert effective_rank(fast.s) == pytest.approx(effective_rank(ref), rel=1e-4)
+    assert gavish_donoho_rank(fast.s, (k, k)) == gavish_donoho_rank(ref, (k, k))
+
+
+def test_low_rank_delta_is_redone_in_float64_above_the_small_size_rule() -> None:
+    """k = 300 > SMALL_K: only the negative-eigenvalue test can catch the rank-8 matrix's unresolved zero tail."""
+    x = planted_matrix((400, 300), planted_spectra(300)["rank8"], np.random.default_rng(8))
+    fast = run([dense("r8", x)])[0]
+    ref = scipy.linalg.svdvals(x.astype(np.float32).astype(np.float64))
+    assert min(x.shape) > SMALL_K and fast.method == "gram-f64"
+    np.testing.assert_allclose(fast.s, ref, atol=1e-6 * ref[0])
+
+
+def test_unresolved_counts_eigenvalues_within_twice_the_negative_rounding_error() -> None:
+    k = 1000
+    deep = 1.0 / np.arange(1, k + 1) ** 4  # positive all the way down to 1e-12, under √k·u·λ1: kept
+    assert not unresolved(deep[None])[0]
+    power = 1.0 / np.arange(1, k + 1) ** 2  # down to 1e-6
+    noisy = power.copy()
+    noisy[-20:] = np.linspace(1e-9, -1e-9, 20)  # 20 λ within rounding error of 0, half of them negative: 2% of k
+    assert unresolved(noisy[None])[0]
+    few = power.copy()
+    few[-8:] = np.linspace(1e-9, -1e-9, 8)  # 0.8% of k: float32 is kept
+    assert not unresolved(few[None])[0]
+    edge = power.copy()
+    edge[-12:] = np.linspace(2e-9, -1e-9, 12)  # 12 λ ≤ 2δ (1.2%), though only 4 are negative
+    assert unresolved(edge[None])[0]
+    assert list(unresolved(np.stack([deep, noisy, few, edge]))) == [False, True, False, True]
+    small = 1.0 / np.arange(1, 101) ** 4  # k ≤ SMALL_K: under the worst-case floor counts even without negatives
+    assert unresolved(small[None])[0]
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300), (40, 30)])
+def test_gram_matrix_is_the_lower_triangle_of_the_smaller_gram_matrix(shape: tuple[int, int]) -> None:
+    x = torch.from_numpy(np.random.default_rng(9).standard_normal((2, *shape)))
+    g = gram_matrix(x).numpy()
+    small = x.numpy() if shape[0] <= shape[1] else x.mT.numpy()
+    full = small @ small.transpose(0, 2, 1)
+    np.testing.assert_allclose(np.tril(g), np.tril(full), rtol=1e-12, atol=1e-12 * np.abs(full).max())
+    lam = torch.linalg.eigvalsh(torch.from_numpy(g), UPLO="L").numpy()  # what the spectrum stage reads
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(full), atol=1e-10 * np.abs(full).max())
+
+
+def test_frobenius_energy_sums_in_float64_across_chunks() -> None:
+    x = torch.from_numpy(np.random.default_rng(10).standard_normal((2, 700, 300))).float()
+    want = [float(np.sum(m.astype(np.float64) ** 2)) for m in x.numpy()]
+    np.testing.assert_allclose(frobenius_energy(x).numpy(), want, rtol=1e-13)
+
+
 def test_batches_give_the_same_spectra_as_single_matrices_in_input_order() -> None:
     rng = np.random.default_rng(4)
     deltas = [dense(f"m{i}", rng.standard_normal((32, 24))) for i in range(7)]
@@ -83,6 +152,24 @@ def test_batches_give_the_same_spectra_as_single_matrices_in_input_order() -> No
     assert [s.name for s in batched] == [d.name for d in deltas] == [s.name for s in one_by_one]
     for a, b in zip(one_by_one, batched, strict=True):
         np.testing.assert_allclose(a.s, b.s, rtol=1e-5, atol=1e-6 * a.s[0])
+
+
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_stacked_batch_path_matches_the_cpu_workers(precision: str) -> None:
+    """The CUDA code path (device transfer on the reader, stacked batches), run on the CPU."""
+    rng = np.random.default_rng(12)
+    xs = [rng.standard_normal((32, 24)) for _ in range(5)] + [rng.standard_normal((300, 280)) for _ in range(2)]
+    dtype = torch.float64 if precision == "exact" else torch.float32
+    deltas = [dense(f"m{i}", x, dtype) for i, x in enumerate(xs)]
+    cpu = torch.device("cpu")
+    two = 2 * deltas[0].values.numel() * deltas[0].values.element_size()  # type: ignore[union-attr]
+    batches = list(_batches(_on_device(iter(deltas), cpu), budget=two + 1))
+    assert [len(b) for b in batches] == [2, 2, 1, 1, 1]  # same shape, within the budget, cut as soon as full
+    stacked = [sp for b in batches for sp in _compute_batch(b, precision, cpu)]
+    tol = 1e-12 if precision == "exact" else 1e-5  # float32 Gram: thread counts change the rounding
+    for a, b in zip(run(deltas, precision=precision), stacked, strict=True):
+        assert (a.name, a.method, a.energy) == (b.name, b.method, pytest.approx(b.energy, rel=1e-14))
+        np.testing.assert_allclose(a.s, b.s, rtol=0, atol=tol * a.s[0])
 
 
 def test_factored_delta_matches_the_dense_product() -> None:
@@ -105,10 +192,44 @@ def test_reader_errors_reach_the_caller() -> None:
         list(compute_spectra(deltas(), Options(), torch.device("cpu")))
 
 
+def test_cpu_workers_keep_input_order_with_matrices_that_run_alone() -> None:
+    """Small matrices run two at a time; one above budget/threads runs alone on all threads; order is kept."""
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((30, 20)) for _ in range(5)]
+    xs.insert(2, rng.standard_normal((90, 60)))  # 21600 B > budget / 2
+    deltas = [dense(f"m{i}", x) for i, x in enumerate(xs)]
+    got = run(deltas, threads=2, batch_bytes=20_000)
+    assert [sp.name for sp in got] == [d.name for d in deltas]
+    for x, sp in zip(xs, got, strict=True):
+        ref = scipy.linalg.svdvals(x.astype(np.float32).astype(np.float64))
+        np.testing.assert_allclose(sp.s, ref, atol=1e-6 * ref[0])
+
+
+def test_reader_holds_at_most_one_finished_item_ahead() -> None:
+    produced: list[int] = []
+
+    def items() -> Iterator[int]:
+        for i in range(6):
+            produced.append(i)
+            yield i
+
+    ahead = []
+    for i in _prefetch(items()):
+        time.sleep(0.02)  # a slow consumer: the reader has every chance to run ahead
+        ahead.append(len(produced) - i - 1)
+    assert max(ahead) <= 1 and produced == list(range(6))
+
+
 def test_threads_option_is_restored() -> None:
     before = torch.get_num_threads()
     run([dense("m", np.eye(8))], threads=1)
     assert torch.get_num_threads() == before
+    run([dense(f"m{i}", np.eye(8)) for i in range(4)], threads=2)
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # new threads: default again
+    worker.start()
+    worker.join()
+    assert torch.get_num_threads() == before and seen == [before]
 
 
 def test_auto_device_without_gpu_is_cpu() -> None:
