@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
-from scipy import integrate, optimize
 
 from spectra.records import GroupSummary, LayerMetrics, Options, Spectrum, Summary
 
@@ -96,6 +95,8 @@ def random_rank(shape: tuple[int, int], threshold: float) -> int:
 @lru_cache(maxsize=1024)
 def _mp_rank(m: int, n: int, threshold: float) -> int:
     """⌈m·F(t)⌉ where E(t) = threshold, in θ with x = 1 + q − 2√q·cos θ (METHODS.md §3)."""
+    from scipy import integrate, optimize  # imported here: scipy's start-up (~0.25 s) only when a rank is needed
+
     q, sq = m / n, math.sqrt(m / n)
 
     def energy_above(t: float) -> float:  # x·p(x)·dx = (2/π)·sin²θ·dθ, so E has a closed form
