@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import spectrum_layer
 from spectra import LayerMetrics, OptionsError, SpectraError
 from spectra.peft_config import EXCLUDE_NOTE, LEGACY_NOTE
 from spectra.recommend import (
@@ -32,29 +33,7 @@ def make_layer(
     name: str, shape: tuple[int, int], values: Spectrum, kind: str | None = None, noisy: bool = False
 ) -> LayerMetrics:
     """LayerMetrics with a planted spectrum; only the fields recommend reads are meaningful."""
-    s = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    energy = float(np.sum(s**2))
-    return LayerMetrics(
-        name=name,
-        shape=shape,
-        kind=kind or name.removesuffix(".weight").split(".")[-1],
-        layer=None,
-        rank=0,
-        stable_rank=0.0,
-        effective_rank=0.0,
-        spectral_norm=float(s[0]) if s.size else 0.0,
-        frobenius_norm=math.sqrt(energy),
-        relative_change=None,
-        captured={},
-        lora_params={},
-        random_rank=0,
-        noise_fraction=0.0,
-        noisy=noisy,
-        gd_rank=0,
-        dtype="f32",
-        method="svd-f64",
-        s=s,
-    )
+    return spectrum_layer(name, shape, values, kind=kind, noisy=noisy)
 
 
 def block(i: int, kind: str, shape: tuple[int, int], s: Spectrum, noisy: bool = False) -> LayerMetrics:

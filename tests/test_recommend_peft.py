@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import spectrum_layer
 from spectra import LayerMetrics, Recommendation
 from spectra.metrics import module_kinds
 from spectra.recommend import recommend, write_adapter_config
@@ -22,6 +23,10 @@ from spectra.recommend import recommend, write_adapter_config
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+
+
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "vocab_size": 100, "max_position_embeddings": 16}
 
 
 def planted_metrics(model: Any, seed: int, rank_of: Any) -> list[LayerMetrics]:
@@ -36,32 +41,8 @@ def planted_metrics(model: Any, seed: int, rank_of: Any) -> list[LayerMetrics]:
         u, _ = np.linalg.qr(rng.standard_normal((m, k)))
         v, _ = np.linalg.qr(rng.standard_normal((n, k)))
         delta = (u * (rng.uniform(0.5, 3.0) * 0.8 ** np.arange(k))) @ v.T
-        s = np.linalg.svd(delta, compute_uv=False)
-        energy = float(np.sum(delta**2))
         kind, block = kinds[name]
-        layers.append(
-            LayerMetrics(
-                name=name,
-                shape=(m, n),
-                kind=kind,
-                layer=block,
-                rank=k,
-                stable_rank=energy / s[0] ** 2,
-                effective_rank=0.0,
-                spectral_norm=float(s[0]),
-                frobenius_norm=math.sqrt(energy),
-                relative_change=None,
-                captured={},
-                lora_params={},
-                random_rank=0,
-                noise_fraction=0.0,
-                noisy=False,
-                gd_rank=0,
-                dtype="f32",
-                method="svd-f64",
-                s=s,
-            )
-        )
+        layers.append(spectrum_layer(name, (m, n), np.linalg.svd(delta, compute_uv=False), kind=kind, layer=block))
     return layers
 
 
@@ -137,14 +118,7 @@ def test_llama_per_kind_keys(tmp_path: Path) -> None:
 
 
 def test_bert_ambiguous_kinds(tmp_path: Path) -> None:
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=16,
-    )
+    config = transformers.BertConfig(**TINY_BERT)
     model = transformers.BertModel(config)
     layers = planted_metrics(model, 3, lambda name, shape: 1 + (sum(map(ord, name)) % 9))
     assert {"attention.output.dense", "output.dense"} <= {lm.kind for lm in layers}
@@ -156,14 +130,7 @@ def test_bert_ambiguous_kinds(tmp_path: Path) -> None:
 
 def test_bert_untargeted_kind_inside_a_targeted_suffix(tmp_path: Path) -> None:
     """ "output.dense" targeted, "attention.output.dense" not (all noisy): the entry "output.dense" would wrap both."""
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=16,
-    )
+    config = transformers.BertConfig(**TINY_BERT)
     model = transformers.BertModel(config)
     layers = [
         replace(lm, noisy=lm.kind == "attention.output.dense")
@@ -183,14 +150,7 @@ def test_name_matching_mirrors_peft() -> None:
 
     from spectra.peft_config import _list_hits, _pattern_hits, _pattern_key
 
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=16,
-    )
+    config = transformers.BertConfig(**TINY_BERT)
     modules = [n for n, _ in transformers.BertModel(config).named_modules() if n]
     suffixes = {".".join(m.split(".")[-k:]) for m in modules for k in (1, 2, 3)}
     for entry in sorted(suffixes | set(modules[:20])):
