@@ -18,6 +18,7 @@ from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)
 
+DIFF_CHUNK_BYTES = 4 * 2**20  # ΔW rows formed at a time (read, measured, upcast, subtracted while in cache)
 # mantissa bits (with the implicit one) of storage formats whose rounding noise we estimate; f32/f64 count as exact
 MANTISSA_BITS = {"bf16": 8, "f16": 11, "f8_e4m3": 4, "f8_e5m2": 3}
 
@@ -110,31 +111,41 @@ def _best_prefix(longer: set[str], shorter: set[str]) -> str | None:
 def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options) -> Delta | Skipped:
     """Read both tensors and return ΔW (upcast first, never subtracted in low precision), or Skipped if ΔW = 0.
 
-    ΔW is float64 for `precision="exact"` or float64 storage, float32 otherwise (exact for bf16/f16 inputs). The
-    rounding-noise estimate adds both sides' Σ ulp²/12 (each stored tensor was rounded once, independently), capped
-    at ‖ΔW‖_F².
+    ΔW is float64 for `precision="exact"` or float64 storage, float32 otherwise (exact for bf16/f16 inputs). It is
+    formed DIFF_CHUNK_BYTES of rows at a time, read straight from disk into two reused chunk buffers, so memory
+    holds ΔW and two small chunks, never a whole stored tensor. The rounding-noise estimate adds both sides'
+    Σ ulp²/12 (each stored tensor was rounded once, independently), capped at ‖ΔW‖_F².
     """
     assert pair.base_name is not None
-    # one storage tensor at a time: tuned is read, measured and upcast before base is read (peak: ΔW + one input)
-    w_tuned = tuned.read(pair.name)
-    dtype = tuned.entries[pair.name].dtype_name
-    wide = options.precision == "exact" or w_tuned.dtype == torch.float64 or base.entries[pair.base_name].code == "F64"
-    work = torch.float64 if wide else torch.float32
-    # both sides' storage rounding lands in ΔW (independent errors: their energies add)
-    noise = rounding_noise_energy(w_tuned, dtype)
-    values = w_tuned.to(work)
-    del w_tuned
-    w_base = base.read(pair.base_name)
-    noise += rounding_noise_energy(w_base, base.entries[pair.base_name].dtype_name)
-    _subtract(values, w_base)
-    base_norm = math.sqrt(_sum_squares(w_base))
-    del w_base
-    if not torch.any(values):
+    t_entry, b_entry = tuned.entries[pair.name], base.entries[pair.base_name]
+    wide = options.precision == "exact" or "F64" in (t_entry.code, b_entry.code)
+    values = torch.empty(pair.shape, dtype=torch.float64 if wide else torch.float32)
+    rows, cols = pair.shape
+    step = max(1, DIFF_CHUNK_BYTES // max(1, cols * values.element_size()))
+    t_buffer = b_buffer = None
+    noise = base_energy = delta_energy = 0.0
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        chunk = values[lo:hi]
+        w = tuned.read(pair.name, (lo, hi), None if t_buffer is None else t_buffer[: (hi - lo) * cols])
+        t_buffer = w.view(-1) if t_buffer is None else t_buffer
+        # both sides' storage rounding lands in ΔW (independent errors: their energies add)
+        noise += rounding_noise_energy(w, t_entry.dtype_name)
+        chunk.copy_(w)
+        w = base.read(pair.base_name, (lo, hi), None if b_buffer is None else b_buffer[: (hi - lo) * cols])
+        b_buffer = w.view(-1) if b_buffer is None else b_buffer
+        noise += rounding_noise_energy(w, b_entry.dtype_name)
+        _subtract(chunk, w)
+        base_energy += _sum_squares(w)
+        delta_energy += float(torch.linalg.vector_norm(chunk)) ** 2
+    del t_buffer, b_buffer
+    if delta_energy == 0.0 and not torch.any(values):
         return Skipped(pair.name, "unchanged", "ΔW = 0")
     # An update far below one ulp mostly rounds away; rounding then cannot account for more than all of ‖ΔW‖²
     # (E‖ΔW‖² = ‖Δ‖² + E‖noise‖² for unbiased rounding), so the estimate is capped there.
-    noise = min(noise, float(torch.linalg.vector_norm(values)) ** 2)
-    return Delta(pair.name, pair.shape, values, None, base_norm, dtype, noise)
+    noise = min(noise, delta_energy)
+    dtype = t_entry.dtype_name
+    return Delta(pair.name, pair.shape, values, None, math.sqrt(base_energy), dtype, noise)
 
 
 def rounding_noise_energy(w: torch.Tensor, dtype: str) -> float:

@@ -99,23 +99,34 @@ class Checkpoint:
         nbytes = sum(e.nbytes for e in self.entries.values())
         return CheckpointInfo(self.path, self.format, len(self.entries), nbytes, tuple(dtypes))
 
-    def read(self, name: str) -> torch.Tensor:
-        """Return tensor `name` in its storage dtype, on the CPU, read from disk now.
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return tensor `name` (or its rows `rows` = (start, stop) along the first axis) in its storage dtype, on
+        the CPU, read from disk now, into `out` when given (a contiguous tensor of the storage dtype and the right
+        number of elements, e.g. a reused chunk buffer).
 
         Raises:
             CheckpointError: the file cannot be read or ends early.
         """
         entry = self.entries[name]
         dtype = DTYPES[entry.code][0]
-        out = torch.empty(entry.shape, dtype=dtype)
-        buffer = out.view(torch.uint8).reshape(-1).numpy().data if entry.nbytes else memoryview(b"")
+        shape, start, nbytes = entry.shape, entry.start, entry.nbytes
+        if rows is not None:
+            row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else 0
+            shape = (rows[1] - rows[0], *entry.shape[1:])
+            start, nbytes = entry.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            assert out.dtype == dtype and out.is_contiguous() and out.numel() == math.prod(shape), "bad out buffer"
+            out = out.view(shape)
+        buffer = out.view(torch.uint8).reshape(-1).numpy().data if nbytes else memoryview(b"")
         try:
             handle = self._handles.get(entry.file) or self._open(entry.file)
-            handle.seek(entry.start)
-            got = handle.readinto(buffer) if entry.nbytes else 0
+            handle.seek(start)
+            got = handle.readinto(buffer) if nbytes else 0
         except OSError as exc:
             raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {exc}") from None
-        if got != entry.nbytes:
+        if got != nbytes:
             raise CheckpointError(f"{entry.file}: tensor {name!r} is cut short (truncated?); re-download or re-save it")
         return out
 

@@ -88,3 +88,25 @@ def test_noise_estimate_matches_measured_rounding_energy(dtype: torch.dtype, nam
     measured = float(((stored.double() - w) ** 2).sum())
     assert rounding_noise_energy(stored, name) == pytest.approx(measured, rel=0.03)
     assert rounding_noise_energy(stored.float(), "f32") == 0.0
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7 * 4 * 13, 2**30])  # one row, 7 rows (last chunk short), all rows
+@pytest.mark.parametrize(("base_dtype", "tuned_dtype"),
+                         [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_chunked_delta_equals_whole_tensor_arithmetic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, base_dtype: torch.dtype,
+    tuned_dtype: torch.dtype,
+) -> None:
+    """ΔW, ‖W_base‖, the noise estimate and its cap do not depend on how many rows are formed at a time."""
+    monkeypatch.setattr("spectra.diff.DIFF_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.standard_normal((45, 13)) * 0.02).to(base_dtype)
+    w_tuned = (w.double() + torch.from_numpy(rng.standard_normal((45, 13)) * 1e-3)).to(tuned_dtype)
+    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
+    delta = make_delta(b, t, pairs["w"], Options())
+    assert delta.values is not None  # type: ignore[union-attr]
+    assert torch.equal(delta.values, w_tuned.float() - w.float())  # type: ignore[union-attr]
+    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
+    expected = rounding_noise_energy(w, "f16" if base_dtype == torch.float16 else "bf16")
+    expected += rounding_noise_energy(w_tuned, "bf16" if tuned_dtype == torch.bfloat16 else "f32")
+    assert delta.noise_energy == pytest.approx(expected, rel=1e-12)  # type: ignore[union-attr]

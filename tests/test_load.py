@@ -40,6 +40,20 @@ def test_storage_dtypes_are_read_bit_exactly(tmp_path: Path, dtype: torch.dtype,
         assert got.dtype == dtype and torch.equal(got.view(torch.uint8), t.view(torch.uint8))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_ranges_read_into_a_reused_buffer(tmp_path: Path, layout: str) -> None:
+    t = torch.randn(11, 6).to(torch.bfloat16)
+    path = save_checkpoint({"x": torch.ones(2), "w": t}, tmp_path, layout)
+    with open_checkpoint(str(path)) as ck:
+        buffer = torch.empty(4 * 6, dtype=torch.bfloat16)
+        for lo in range(0, 11, 4):
+            hi = min(11, lo + 4)
+            got = ck.read("w", (lo, hi), buffer[: (hi - lo) * 6])
+            assert got.shape == (hi - lo, 6) and got.data_ptr() == buffer.data_ptr()
+            assert torch.equal(got.view(torch.int16), t[lo:hi].view(torch.int16))
+        assert torch.equal(ck.read("w", (9, 11)), t[9:])
+
+
 def test_index_is_read_without_tensor_data(tmp_path: Path) -> None:
     path = save_checkpoint({"w": torch.randn(64, 64)}, tmp_path)
     with open_checkpoint(str(path)) as ck:
