@@ -10,7 +10,9 @@ over and waits until it is taken before building the next, so memory stays bound
   byte budget in flight. LAPACK's own threading forks and joins threads at every Householder step of the
   eigensolver, which on a small machine shared with other processes is many times slower than one thread per
   matrix. A matrix larger than budget/threads runs alone, its matrix products on all threads. The reader's torch
-  operations run on one thread.
+  operations run on one thread, and it starts the next ΔW only while the ΔW bytes read and not yet computed are
+  within the budget: a matrix larger than the budget (an embedding) is never read while another is held, and
+  peak memory is about budget + the largest ΔW (in float32), whatever the model size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -88,8 +91,9 @@ def compute_spectra(
             workers = torch.get_num_threads()
             log.info("spectrum: cpu, %d workers, precision %s, %d MiB in flight", workers, options.precision,
                      budget >> 20)
-            with contextlib.closing(_prefetch(iter(deltas), READER_THREADS)) as items:
-                yield from _compute_cpu(items, options.precision, budget, workers)
+            ledger = _Ledger(budget)
+            with contextlib.closing(_prefetch(iter(deltas), READER_THREADS, ledger, _nbytes)) as items:
+                yield from _compute_cpu(items, options.precision, budget, workers, ledger)
         else:
             log.info("spectrum: %s, precision %s, batch budget %d MiB", device, options.precision, budget >> 20)
             with contextlib.closing(_prefetch(_batches(_on_device(deltas, device), budget))) as batches:
@@ -131,15 +135,48 @@ def _nbytes(delta: Delta) -> int:
     return delta.values.numel() * delta.values.element_size() if delta.values is not None else 0
 
 
-def _prefetch(items: Iterator[T], reader_threads: int | None = None) -> Generator[T, None, None]:
+class _Ledger:
+    """Bytes read ahead and not yet computed, shared by the reader (charge, wait) and the consumer (release)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._changed = threading.Condition()
+
+    def charge(self, nbytes: int) -> None:
+        with self._changed:
+            self.held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._changed:
+            self.held -= nbytes
+            self._changed.notify_all()
+
+    def wait_within(self, stop: threading.Event) -> bool:
+        """Block until at most `limit` bytes are held; False if `stop` was set meanwhile."""
+        with self._changed:
+            while self.held > self.limit:
+                if stop.is_set():
+                    return False
+                self._changed.wait(timeout=0.1)
+        return not stop.is_set()
+
+
+def _prefetch(
+    items: Iterator[T], reader_threads: int | None = None, ledger: _Ledger | None = None,
+    size: Callable[[T], int] | None = None,
+) -> Generator[T, None, None]:
     """Run `items` on a reader thread, one item ahead; re-raise its errors here.
 
     The reader starts on item i+1 once item i is taken, and waits with i+1 ready until i+1 is taken: it never
-    holds more than one finished item.
+    holds more than one finished item. With a ledger, it also waits before starting an item until the ledger is
+    within its limit, and charges each item's `size` to it (the consumer releases it once the item is done with).
 
     Args:
         items: the producer; it runs entirely on the reader thread.
         reader_threads: torch intra-op threads for the reader (thread counts are per calling thread); None: as is.
+        ledger: bytes in flight, released by the consumer; None: no limit besides one item ahead.
+        size: an item's bytes for the ledger.
     """
     slots: queue.Queue[object] = queue.Queue(maxsize=1)
     taken = threading.Semaphore(0)
@@ -149,13 +186,18 @@ def _prefetch(items: Iterator[T], reader_threads: int | None = None) -> Generato
         if reader_threads is not None:
             torch.set_num_threads(reader_threads)
         try:
-            for item in items:
+            while ledger is None or ledger.wait_within(stop):
+                item = next(items, _DONE)
+                if item is _DONE:
+                    slots.put(_DONE)
+                    return
+                if ledger is not None and size is not None:
+                    ledger.charge(size(item))  # type: ignore[arg-type]  # not _DONE: a T
                 slots.put(item)  # the slot is free: the previous item was taken
                 del item
                 while not taken.acquire(timeout=0.1):
                     if stop.is_set():
                         return
-            slots.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             slots.put(exc)
 
@@ -178,8 +220,12 @@ def _prefetch(items: Iterator[T], reader_threads: int | None = None) -> Generato
         thread.join()
 
 
-def _compute_cpu(deltas: Iterator[Delta], precision: str, budget: int, workers: int) -> Iterator[Spectrum]:
-    """Spectra of `deltas` in input order, at most `workers` matrices and `budget` bytes in flight.
+def _compute_cpu(
+    deltas: Iterator[Delta], precision: str, budget: int, workers: int, ledger: _Ledger | None = None
+) -> Iterator[Spectrum]:
+    """Spectra of `deltas` in input order, at most `workers` matrices and `budget` bytes in flight; each matrix's
+    bytes are released from `ledger` as soon as its worker is done with it (not when its result is collected:
+    the reader may be waiting for exactly those bytes while this loop waits for the reader).
 
     Each worker runs single-threaded; a matrix of more than budget/workers bytes runs alone, with `workers`
     threads for its matrix products (its eigensolver stays on one thread). Freed memory is handed back to the
@@ -200,15 +246,27 @@ def _compute_cpu(deltas: Iterator[Delta], precision: str, budget: int, workers: 
             if nbytes > budget // 2 or done >= TRIM_EVERY:
                 _trim()
                 done = 0
-            pending.append((pool.submit(_cpu_spectrum, delta, precision, workers if big else 1), nbytes, big))
+            future = pool.submit(_cpu_spectrum, [delta], precision, workers if big else 1)
+            if ledger is not None:
+                future.add_done_callback(functools.partial(_release, ledger, nbytes))
+            pending.append((future, nbytes, big))
             in_flight += nbytes
             del delta
         while pending:
             yield pending.popleft()[0].result()
 
 
-def _cpu_spectrum(delta: Delta, precision: str, threads: int) -> Spectrum:
-    """One matrix on a CPU worker: energy and matrix products on `threads` threads, eigensolver on one."""
+def _release(ledger: _Ledger, nbytes: int, _: object) -> None:
+    ledger.release(nbytes)
+
+
+def _cpu_spectrum(box: list[Delta], precision: str, threads: int) -> Spectrum:
+    """One matrix on a CPU worker: energy and matrix products on `threads` threads, eigensolver on one.
+
+    The delta comes in a one-item list that is emptied here, so ΔW is freed when this returns, before the
+    future's done callbacks release its bytes to the reader.
+    """
+    delta = box.pop()
     if delta.values is None:
         return _factored_spectrum(delta, CPU)
     x = delta.values.unsqueeze(0)
@@ -241,24 +299,6 @@ def _compute_batch(batch: list[Delta], precision: str, device: torch.device) -> 
     ]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _factored_spectrum(delta: Delta, device: torch.device) -> Spectrum:
     assert delta.factors is not None
     b, a = (f.to(device) for f in delta.factors)
@@ -277,7 +317,3 @@ def _load_trim() -> Callable[[], object]:
 
 
 _trim = _load_trim()
-
-
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -218,6 +219,26 @@ def test_reader_holds_at_most_one_finished_item_ahead() -> None:
         time.sleep(0.02)  # a slow consumer: the reader has every chance to run ahead
         ahead.append(len(produced) - i - 1)
     assert max(ahead) <= 1 and produced == list(range(6))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reader_builds_no_matrix_while_one_larger_than_the_budget_is_held(threads: int) -> None:
+    """Peak memory is bounded by budget + the largest ΔW: past the budget, the next ΔW waits until the last is freed."""
+    rng = np.random.default_rng(12)
+    alive: list[weakref.ref[torch.Tensor]] = []
+    held_when_built: list[int] = []
+
+    def deltas() -> Iterator[Delta]:
+        for i in range(6):
+            held_when_built.append(sum(ref() is not None for ref in alive))
+            delta = dense(f"m{i}", rng.standard_normal((90, 60)))  # 21600 B each, budget 20000 B
+            alive.append(weakref.ref(delta.values))  # type: ignore[arg-type]
+            yield delta
+            del delta
+
+    got = list(compute_spectra(deltas(), Options(batch_bytes=20_000, threads=threads), torch.device("cpu")))
+    assert [sp.name for sp in got] == [f"m{i}" for i in range(6)]
+    assert held_when_built == [0] * 6
 
 
 def test_threads_option_is_restored() -> None:
