@@ -94,20 +94,29 @@ def random_rank(shape: tuple[int, int], threshold: float) -> int:
 
 @lru_cache(maxsize=1024)
 def _mp_rank(m: int, n: int, threshold: float) -> int:
-    """⌈m·F(t)⌉ where E(t) = threshold, in θ with x = 1 + q − 2√q·cos θ (METHODS.md §3)."""
-    from scipy import integrate, optimize  # imported here: scipy's start-up (~0.25 s) only when a rank is needed
+    """⌈m·F(θ)⌉ where E(θ) = threshold, with x = 1 + q − 2√q·cos θ (METHODS.md §3), both in closed form.
 
+    In θ the Marchenko–Pastur energy density x·p(x)·dx is (2/π)·sin²θ·dθ, so E(θ), the energy share above x(θ),
+    is (π − θ)/π + sin 2θ/(2π), decreasing in θ: θ is found by bisection to machine precision. The eigenvalue
+    share above x(θ) is F(θ) = (2/π)∫_θ^π sin²t/(a − b·cos t) dt with a = 1 + q, b = 2√q; dividing
+    1 − cos²t by a − b·cos t leaves cos t/b + a/b² + (1 − a²/b²)/(a − b·cos t), whose last term integrates to an
+    arctangent (√(a² − b²) = 1 − q; the term vanishes at q = 1).
+    """
     q, sq = m / n, math.sqrt(m / n)
-
-    def energy_above(t: float) -> float:  # x·p(x)·dx = (2/π)·sin²θ·dθ, so E has a closed form
-        return (math.pi - t) / math.pi + math.sin(2.0 * t) / (2.0 * math.pi) - threshold
-
-    def density(t: float) -> float:  # p(x)·dx / dθ, bounded even at q = 1 (1/√x singularity at x = 0)
-        return 2.0 / math.pi * math.sin(t) ** 2 / (1.0 + q - 2.0 * sq * math.cos(t))
-
-    theta = 0.0 if threshold >= 1.0 else optimize.brentq(energy_above, 0.0, math.pi, xtol=1e-14)
-    share, _ = integrate.quad(density, theta, math.pi, epsabs=1e-13, epsrel=1e-12)
-    return min(max(math.ceil(m * float(share)), 1), m)
+    lo, hi = 0.0, math.pi
+    if threshold < 1.0:
+        while hi - lo > 1e-15:
+            mid = 0.5 * (lo + hi)
+            if (math.pi - mid) / math.pi + math.sin(2.0 * mid) / (2.0 * math.pi) >= threshold:
+                lo = mid
+            else:
+                hi = mid
+    theta = lo
+    a, b = 1.0 + q, 2.0 * sq
+    # π/2 − arctan(K·tan(θ/2)) with K = (1 + √q)/(1 − √q), written to stay finite at θ = 0, θ = π and q = 1
+    angle = math.atan2((1.0 - sq) * math.cos(theta / 2), (1.0 + sq) * math.sin(theta / 2))
+    share = 2.0 / math.pi * (-math.sin(theta) / b + a * (math.pi - theta) / b**2 - (1.0 - q) / (2.0 * q) * angle)
+    return min(max(math.ceil(m * share), 1), m)
 
 
 def gavish_donoho_rank(s: np.ndarray, shape: tuple[int, int]) -> int:

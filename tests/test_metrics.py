@@ -206,7 +206,7 @@ def _mp_rank_in_x(m: int, n: int, threshold: float) -> int:
 @pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9, 0.99])
 def test_random_rank_matches_independent_integrals(threshold: float) -> None:
     assert random_rank((3000, 3000), threshold) == _quarter_circle_rank(3000, threshold)
-    for m, n in ((1024, 4096), (4096, 11008), (500, 600)):
+    for m, n in ((1024, 4096), (4096, 11008), (500, 600), (999, 1000), (2048, 32000), (64, 20000)):
         assert random_rank((m, n), threshold) == _mp_rank_in_x(m, n, threshold)
 
 
