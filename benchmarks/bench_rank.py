@@ -351,8 +351,11 @@ class _Preread:
     def __init__(self, checkpoint: Any, side: str, tensors: dict[tuple[str, str], Any]) -> None:
         self.entries, self.side, self.tensors = checkpoint.entries, side, tensors
 
-    def read(self, name: str) -> Any:
-        return self.tensors[(self.side, name)]
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: Any = None) -> Any:
+        tensor = self.tensors[(self.side, name)]
+        if rows is not None:
+            tensor = tensor[rows[0] : rows[1]]
+        return tensor if out is None else out.view(tensor.shape).copy_(tensor)
 
 
 def run_child(args: argparse.Namespace) -> int:

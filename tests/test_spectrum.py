@@ -13,10 +13,10 @@ import scipy.linalg
 import torch
 
 from conftest import planted_matrix, planted_spectra, requires_cuda
-from spectra import Options
+from spectra import Options, sigma
 from spectra.metrics import captured_energy, energy_rank, stable_rank
 from spectra.records import Delta, Spectrum
-from spectra.sigma import SMALL_K, U32, frobenius_energy, gram_matrix, unresolved
+from spectra.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
 from spectra.spectrum import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
@@ -136,6 +136,26 @@ def test_gram_matrix_is_the_lower_triangle_of_the_smaller_gram_matrix(shape: tup
     np.testing.assert_allclose(np.tril(g), np.tril(full), rtol=1e-12, atol=1e-12 * np.abs(full).max())
     lam = torch.linalg.eigvalsh(torch.from_numpy(g), UPLO="L").numpy()  # what the spectrum stage reads
     np.testing.assert_allclose(lam, np.linalg.eigvalsh(full), atol=1e-10 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("route", ["onednn", "matmul"])
+@pytest.mark.parametrize("shape", [(300, 700), (700, 300), (40, 30), (1000, 260)])
+def test_float32_gram_matrix_on_either_cpu_route(
+    monkeypatch: pytest.MonkeyPatch, route: str, shape: tuple[int, int]
+) -> None:
+    """float32 lower triangle within float32 rounding of the float64 product, by oneDNN (a tall matrix in chunks
+    of 100 rows, the last one short) or by torch.matmul."""
+    if route == "matmul":
+        monkeypatch.setattr("spectra.sigma._onednn_linear", lambda: None)
+    elif sigma._onednn_linear() is None:
+        pytest.skip("no oneDNN float32 matmul in this torch build / CPU")
+    monkeypatch.setattr("spectra.sigma.ONEDNN_CHUNK_BYTES", 100 * min(shape) * 4)
+    x = torch.from_numpy(np.random.default_rng(9).standard_normal((1, *shape)))
+    with full_float32():
+        g = gram_matrix(x.float()).double().numpy()[0]
+    small = x.numpy()[0] if shape[0] <= shape[1] else x.numpy()[0].T
+    full = small @ small.T
+    np.testing.assert_allclose(np.tril(g), np.tril(full), rtol=0, atol=20 * U32 * np.abs(full).max())
 
 
 def test_frobenius_energy_sums_in_float64_across_chunks() -> None:
