@@ -223,7 +223,8 @@ def _prefetch(
 def _compute_cpu(
     deltas: Iterator[Delta], precision: str, budget: int, workers: int, ledger: _Ledger | None = None
 ) -> Iterator[Spectrum]:
-    """Spectra of `deltas` in input order, at most `workers` matrices and `budget` bytes in flight; each matrix's
+    """Spectra of `deltas` in input order, at most 2·`workers` matrices (a worker that finishes first finds the
+    next one queued) and `budget` bytes in flight; each matrix's
     bytes are released from `ledger` as soon as its worker is done with it (not when its result is collected:
     the reader may be waiting for exactly those bytes while this loop waits for the reader).
 
@@ -238,7 +239,7 @@ def _compute_cpu(
         for delta in deltas:
             nbytes = _nbytes(delta)
             big = workers > 1 and nbytes > budget // workers
-            while pending and (big or pending[0][2] or len(pending) >= workers or in_flight + nbytes > budget):
+            while pending and (big or pending[0][2] or len(pending) >= 2 * workers or in_flight + nbytes > budget):
                 future, size, _ = pending.popleft()
                 in_flight -= size
                 done += size
