@@ -224,9 +224,9 @@ def _compute_cpu(
     deltas: Iterator[Delta], precision: str, budget: int, workers: int, ledger: _Ledger | None = None
 ) -> Iterator[Spectrum]:
     """Spectra of `deltas` in input order, at most 2·`workers` matrices (a worker that finishes first finds the
-    next one queued) and `budget` bytes in flight; each matrix's
-    bytes are released from `ledger` as soon as its worker is done with it (not when its result is collected:
-    the reader may be waiting for exactly those bytes while this loop waits for the reader).
+    next one queued) and `budget` bytes in flight. Each matrix's bytes are released from `ledger` as soon as its
+    worker is done with it, not when its result is collected: the reader may be waiting for exactly those bytes
+    while this loop waits for the reader.
 
     Each worker runs single-threaded; a matrix of more than budget/workers bytes runs alone, with `workers`
     threads for its matrix products (its eigensolver stays on one thread). Freed memory is handed back to the
