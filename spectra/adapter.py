@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from spectra.diff import filter_reason, match_names
+from spectra.diff import filter_reason, match_names, non_finite_error
 from spectra.errors import CheckpointError
 from spectra.load import ADAPTER_CONFIG, Checkpoint
 from spectra.records import Delta, Options, Skipped
@@ -259,6 +259,10 @@ def make_factored_delta(adapter: Checkpoint, base: Checkpoint | None, pair: Adap
     The factors are float64 with the scale folded into the first: ΔW = (scale·B) @ A, or Aᵀ @ (scale·B)ᵀ.
     """
     a, b = adapter.read(pair.a).double(), adapter.read(pair.b).double()
+    for key, factor in ((pair.a, a), (pair.b, b)):
+        bad = int(torch.count_nonzero(~torch.isfinite(factor)))
+        if bad:
+            raise non_finite_error(adapter.entries[key], key, "adapter", bad)
     if not (torch.any(a) and torch.any(b)):
         return Skipped(pair.name, "unchanged", "ΔW = 0 (lora_B is zero at PEFT's initialisation: untrained?)")
     b.mul_(pair.scale)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spectra.errors import CheckpointError
 from spectra.load import Checkpoint, TensorEntry
 from spectra.records import Delta, Options, Skipped
 
@@ -139,6 +140,10 @@ def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options
         base_energy += _sum_squares(w)
         delta_energy += float(torch.linalg.vector_norm(chunk)) ** 2
     del t_buffer, b_buffer
+    if not math.isfinite(base_energy):
+        raise non_finite_error(b_entry, pair.base_name, "base")
+    if not math.isfinite(delta_energy) and not bool(torch.isfinite(values).all()):
+        raise non_finite_error(t_entry, pair.name, "tuned", int(torch.count_nonzero(~torch.isfinite(values))))
     if delta_energy == 0.0 and not torch.any(values):
         return Skipped(pair.name, "unchanged", "ΔW = 0")
     # An update far below one ulp mostly rounds away; rounding then cannot account for more than all of ‖ΔW‖²
@@ -146,6 +151,15 @@ def make_delta(base: Checkpoint, tuned: Checkpoint, pair: Pair, options: Options
     noise = min(noise, delta_energy)
     dtype = t_entry.dtype_name
     return Delta(pair.name, pair.shape, values, None, math.sqrt(base_energy), dtype, noise)
+
+
+def non_finite_error(entry: TensorEntry, name: str, side: str, count: int | None = None) -> CheckpointError:
+    """The one-line error for a weight holding NaN or ±Inf, whose ΔW has no spectrum."""
+    what = "NaN/Inf values" if count is None else f"{count} NaN/Inf value{'s' if count != 1 else ''}"
+    return CheckpointError(
+        f"{entry.file}: {side} tensor {name!r} holds {what} (a diverged fine-tune or a damaged file); "
+        f"check the checkpoint, or leave the tensor out with --exclude '{re.escape(name)}'"
+    )
 
 
 def rounding_noise_energy(w: torch.Tensor, dtype: str) -> float:

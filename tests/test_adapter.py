@@ -295,6 +295,19 @@ def test_untrained_adapter(llama: Any, tmp_path: Path) -> None:
         analyze(str(base), str(tmp_path / "fresh"))
 
 
+def test_non_finite_adapter_factor(llama: Any, adapters: dict[str, Written], tmp_path: Path) -> None:
+    _, base, _ = llama
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((adapters["plain"].folder / "adapter_config.json").read_text())
+    weights = load_file(str(adapters["plain"].folder / "adapter_model.safetensors"))
+    key = next(k for k in sorted(weights) if "lora_A" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"adapter tensor '{key}' holds 1 NaN/Inf value "):
+        analyze(str(base), str(folder))
+
+
 def test_wrong_inputs(llama: Any, adapters: dict[str, Written], tmp_path: Path) -> None:
     _, base, _ = llama
     folder = adapters["plain"].folder

@@ -86,6 +86,23 @@ def test_pickle_bin_is_refused(planted_pair: PairFactory, tmp_path: Path) -> Non
     assert_clean_error(invoke("rank", base, tmp_path / "pytorch_model.bin"), 1, "pickle", "safetensors")
 
 
+@pytest.mark.parametrize(("side", "value"), [("tuned", float("nan")), ("tuned", float("inf")), ("base", float("nan")),
+                                            ("base", float("-inf"))])
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_non_finite_weights_name_the_file_and_tensor(tmp_path: Path, side: str, value: float, precision: str) -> None:
+    """A NaN/Inf weight (a diverged fine-tune) has no spectrum: one line naming file and tensor, no JSON written."""
+    torch.manual_seed(0)
+    w = {"a.weight": torch.randn(40, 30), "b.weight": torch.randn(30, 50)}
+    tuned = {k: v + 1e-2 * torch.randn_like(v) for k, v in w.items()}
+    (tuned if side == "tuned" else w)["b.weight"][7, 3] = value
+    base_path, tuned_path = save_checkpoint(w, tmp_path / "b"), save_checkpoint(tuned, tmp_path / "t")
+    out = tmp_path / "a.json"
+    result = invoke("rank", base_path, tuned_path, "--json", out, "--precision", precision)
+    bad = base_path if side == "base" else tuned_path
+    assert_clean_error(result, 1, str(bad), f"{side} tensor 'b.weight'", "NaN/Inf", "--exclude")
+    assert not out.exists()
+
+
 def test_no_matching_tensors(tmp_path: Path) -> None:
     base = save_checkpoint({"a.weight": torch.randn(3, 3)}, tmp_path / "b")
     tuned = save_checkpoint({"b.weight": torch.randn(3, 3)}, tmp_path / "t")
