@@ -110,3 +110,17 @@ def test_chunked_delta_equals_whole_tensor_arithmetic(
     expected = rounding_noise_energy(w, "f16" if base_dtype == torch.float16 else "bf16")
     expected += rounding_noise_energy(w_tuned, "bf16" if tuned_dtype == torch.bfloat16 else "f32")
     assert delta.noise_energy == pytest.approx(expected, rel=1e-12)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("dtype", "name"), [(torch.float8_e4m3fn, "f8_e4m3"), (torch.float8_e5m2, "f8_e5m2")])
+def test_float8_checkpoints_are_diffed_and_measured(tmp_path: Path, dtype: torch.dtype, name: str) -> None:
+    rng = np.random.default_rng(4)
+    w = torch.from_numpy(rng.standard_normal((30, 20))).to(dtype)
+    w_tuned = (w.double() + torch.from_numpy(rng.standard_normal((30, 20)) * 0.1)).to(dtype)
+    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
+    delta = make_delta(b, t, pairs["w"], Options())
+    assert delta.dtype == name  # type: ignore[union-attr]
+    assert torch.equal(delta.values, w_tuned.float() - w.float())  # type: ignore[union-attr]
+    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
+    assert delta.noise_energy == pytest.approx(  # type: ignore[union-attr]
+        rounding_noise_energy(w, name) + rounding_noise_energy(w_tuned, name), rel=1e-12)
