@@ -235,9 +235,11 @@ def _explain_not_safetensors(file: Path, head: bytes, size: int) -> str:
 
 def _entry(file: Path, name: str, meta: object, data_start: int, size: int) -> TensorEntry:
     try:
-        assert isinstance(meta, dict)
-        code, shape, (begin, end) = str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
-        begin, end = int(begin), int(end)
+        assert isinstance(meta, dict) and isinstance(meta["dtype"], str)
+        code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        assert isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+        assert all(type(d) is int and d >= 0 for d in [*shape, *offsets])  # bools and floats are not sizes
+        shape, (begin, end) = tuple(shape), offsets
     except (AssertionError, KeyError, TypeError, ValueError):
         raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry; the file is corrupt") from None
     if code not in DTYPES:
