@@ -20,6 +20,9 @@ from spectra.records import Delta, Options, Skipped
 log = logging.getLogger(__name__)
 
 DIFF_CHUNK_BYTES = 4 * 2**20  # ΔW rows formed at a time (read, measured, upcast, subtracted while in cache)
+# modules whose weight rows are vocabulary entries (Llama/Mistral, GPT-NeoX, GPT-2, BERT, T5, Meta's llama format)
+VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "embed_in", "embed_out", "wte", "word_embeddings", "shared",
+                           "tok_embeddings"})
 # mantissa bits (with the implicit one) of storage formats whose rounding noise we estimate; f32/f64 count as exact
 MANTISSA_BITS = {"bf16": 8, "f16": 11, "f8_e4m3": 4, "f8_e5m2": 3}
 
@@ -30,7 +33,8 @@ class Pair:
 
     name: str  # tuned key, verbatim
     base_name: str | None  # None: no base checkpoint (adapters analysed alone)
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # the rows both sides have (a resized vocabulary compares its shared rows)
+    note: str | None = None  # what the analysis of this pair leaves out, for Analysis.notes
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
@@ -52,14 +56,32 @@ def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple
         why = filter_reason(name, options) or _unfit(entry)
         if why is None and base_name is None:
             why = Skipped(name, "only-in-tuned")
+        note = None
         if why is None and base_name is not None and base.entries[base_name].shape != entry.shape:
-            detail = f"base {base.entries[base_name].shape} vs tuned {entry.shape}"
-            why = Skipped(name, "shape-mismatch", detail)
+            base_shape = base.entries[base_name].shape
+            note = _vocabulary_resized(name, base_shape, entry.shape)
+            if note is None:
+                why = Skipped(name, "shape-mismatch", f"base {base_shape} vs tuned {entry.shape}")
         if why is not None:
             skipped.append(why)
         else:
-            pairs.append(Pair(name, base_name, (entry.shape[0], entry.shape[1])))
+            rows = min(entry.shape[0], base.entries[base_name].shape[0]) if base_name is not None else entry.shape[0]
+            pairs.append(Pair(name, base_name, (rows, entry.shape[1]), note))
     return pairs, skipped
+
+
+def _vocabulary_resized(name: str, base: tuple[int, ...], tuned: tuple[int, ...]) -> str | None:
+    """The note for an embedding or output matrix whose vocabulary rows were added or removed (tokens appended by
+    `resize_token_embeddings`), or None for any other shape change: ΔW is then formed over the shared rows."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 and parts[-1] == "weight" else parts[-1]
+    is_vocab = module in VOCAB_MODULES or name == "output.weight"
+    if not (is_vocab and len(base) == len(tuned) == 2 and base[1] == tuned[1] and base[0] != tuned[0]):
+        return None
+    shared, change, n = min(base[0], tuned[0]), "added" if tuned[0] > base[0] else "removed", abs(tuned[0] - base[0])
+    rest = f"the {change} row has" if n == 1 else f"the {n} {change} rows have"
+    return (f"{name}: vocabulary resized ({base[0]} → {tuned[0]} rows); ΔW covers the {shared} rows both share, "
+            f"{rest} no counterpart (not analysed)")
 
 
 def filter_reason(name: str, options: Options) -> Skipped | None:

@@ -70,8 +70,7 @@ def analyze(
             raise CheckpointError(f"{tuned}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
                                   "needed to form ΔW = tuned − base; pass BASE")
         else:
-            spectra, skipped, n_pairs = _dense_spectra(base_ck, tuned_ck, options, device, progress)
-            notes = ()
+            spectra, skipped, n_pairs, notes = _dense_spectra(base_ck, tuned_ck, options, device, progress)
         base_info, tuned_info = (base_ck.info if base_ck is not None else None), tuned_ck.info
     if not spectra:
         raise MismatchError(_nothing_changed(base, tuned, n_pairs, tuned_info.format == "peft-adapter"))
@@ -88,14 +87,14 @@ def analyze(
 
 def _dense_spectra(
     base: Checkpoint, tuned: Checkpoint, options: Options, device: Any, progress: ProgressHook
-) -> tuple[list[Spectrum], list[Skipped], int]:
-    """Spectra of ΔW = tuned − base, formed densely; the skipped tensors; the number of matched pairs."""
+) -> tuple[list[Spectrum], list[Skipped], int, tuple[str, ...]]:
+    """Spectra of ΔW = tuned − base, formed densely; the skipped tensors; the number of matched pairs; notes."""
     pairs, skipped = pair_tensors(base, tuned, options)
     if not pairs:
         raise MismatchError(_no_pairs_message(base, tuned, skipped))
     spectra = _spectra_in_shape_order(pairs, lambda p: make_delta(base, tuned, p, options), skipped, options,
                                       device, progress)
-    return spectra, skipped, len(pairs)
+    return spectra, skipped, len(pairs), tuple(p.note for p in pairs if p.note is not None)
 
 
 def _adapter_spectra(

@@ -24,7 +24,7 @@ def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.T
 def test_every_unanalysed_tensor_has_a_reason(tmp_path: Path) -> None:
     w = torch.randn(4, 6)
     base = {"x.weight": w, "norm.weight": torch.ones(4), "emb.weight": torch.randn(10, 6), "gone.weight": w.clone(),
-            "steps": torch.zeros(3, 3, dtype=torch.int64)}
+            "steps": torch.zeros(3, 3, dtype=torch.int64)}  # "emb" is not a vocabulary module name: no row matching
     tuned = {"x.weight": w + 1, "norm.weight": torch.ones(4), "emb.weight": torch.randn(12, 6), "new.weight": w.clone(),
              "steps": torch.ones(3, 3, dtype=torch.int64)}
     _, _, pairs, skipped = pair(tmp_path, base, tuned)
@@ -124,3 +124,32 @@ def test_float8_checkpoints_are_diffed_and_measured(tmp_path: Path, dtype: torch
     assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
     assert delta.noise_energy == pytest.approx(  # type: ignore[union-attr]
         rounding_noise_energy(w, name) + rounding_noise_energy(w_tuned, name), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight",
+                                  "output.weight"])
+@pytest.mark.parametrize(("base_rows", "tuned_rows"), [(100, 102), (102, 100)])
+def test_a_resized_vocabulary_is_compared_over_its_shared_rows(
+    tmp_path: Path, name: str, base_rows: int, tuned_rows: int
+) -> None:
+    """Tokens appended by resize_token_embeddings have no base row: ΔW is formed over the rows both share."""
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy(rng.standard_normal((base_rows, 16))).float()
+    shared = min(base_rows, tuned_rows)
+    tuned_w = torch.from_numpy(rng.standard_normal((tuned_rows, 16))).float()
+    tuned_w[:shared] = w[:shared] + 0.1
+    b, t, pairs, skipped = pair(tmp_path, {name: w}, {name: tuned_w})
+    assert not skipped and pairs[name].shape == (shared, 16)
+    note = pairs[name].note
+    assert note is not None and f"{base_rows} → {tuned_rows}" in note and f"{shared} rows both share" in note
+    assert ("2 added" if tuned_rows > base_rows else "2 removed") in note
+    delta = make_delta(b, t, pairs[name], Options())
+    assert delta.values is not None and torch.allclose(delta.values, torch.full((shared, 16), 0.1), atol=1e-6)  # type: ignore[union-attr]
+    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w[:shared].double())))  # type: ignore[union-attr]
+
+
+def test_other_shape_changes_are_not_compared(tmp_path: Path) -> None:
+    base = {"layers.0.mlp.up.weight": torch.randn(10, 6), "layers.0.embed_tokens.weight": torch.randn(10, 6)}
+    tuned = {"layers.0.mlp.up.weight": torch.randn(12, 6), "layers.0.embed_tokens.weight": torch.randn(10, 8)}
+    _, _, pairs, skipped = pair(tmp_path, base, tuned)
+    assert not pairs and {s.reason for s in skipped.values()} == {"shape-mismatch"}

@@ -110,3 +110,26 @@ def test_saved_files_get_normal_permissions(planted_pair: PairFactory, tmp_path:
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temp file left behind
+
+
+def test_resized_vocabulary_is_analysed_over_shared_rows_with_a_note(tmp_path: Path) -> None:
+    """A fine-tune that added two tokens: the embedding's planted rank-3 update on the shared rows is found."""
+    rng = np.random.default_rng(8)
+    embed = rng.standard_normal((200, 32))
+    update = rng.standard_normal((200, 3)) @ rng.standard_normal((3, 32))
+    tuned_embed = np.concatenate([embed + 0.1 * update, rng.standard_normal((2, 32))])
+    q = rng.standard_normal((32, 32))
+    base = save_checkpoint({"model.embed_tokens.weight": torch.from_numpy(embed).float(),
+                            "model.layers.0.q_proj.weight": torch.from_numpy(q).float()}, tmp_path / "b")
+    tuned = save_checkpoint({"model.embed_tokens.weight": torch.from_numpy(tuned_embed).float(),
+                             "model.layers.0.q_proj.weight": torch.from_numpy(q + 0.1).float()}, tmp_path / "t")
+    analysis = analyze(str(base), str(tuned), Options(threshold=1.0))
+    layer = next(lm for lm in analysis.layers if lm.name == "model.embed_tokens.weight")
+    assert layer.shape == (200, 32) and layer.rank == 3
+    assert any("200 → 202 rows" in note and "2 added rows" in note for note in analysis.notes)
+    assert load_analysis_round_trip(analysis, tmp_path).notes == analysis.notes
+
+
+def load_analysis_round_trip(analysis: Analysis, tmp_path: Path) -> Analysis:
+    save_analysis(analysis, tmp_path / "a.json")
+    return load_analysis(tmp_path / "a.json")
