@@ -227,9 +227,8 @@ def _subtract(values: torch.Tensor, w: torch.Tensor, chunk: int = 1 << 20) -> No
 def _sum_squares(w: torch.Tensor, chunk: int = 1 << 16) -> float:
     """Σ w² in float64, upcasting `chunk` elements at a time (no float64 copy of a large tensor)."""
     flat = w.reshape(-1)
-    if flat.element_size() == 1:  # float8: no promotion rules in torch, so upcast through float32
-        return sum((float(torch.linalg.vector_norm(flat[i : i + chunk].float(), dtype=torch.float64)) ** 2
-                    for i in range(0, flat.numel(), chunk)), 0.0)
+    if flat.element_size() == 1:  # float8: torch has no promotion rules for it, so upcast through float32
+        flat = flat.float()
     return sum((float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
                 for i in range(0, flat.numel(), chunk)), 0.0)
 
