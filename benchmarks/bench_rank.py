@@ -270,13 +270,13 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
     """The fast pipeline run serially, stage by stage, with seconds per stage (no overlap; see module doc)."""
     import torch
 
-    import spectra.diff
+    import spectra.plan.dense
     from spectra import Options
-    from spectra.diff import make_delta, natural_key, pair_tensors
-    from spectra.load import open_checkpoint
-    from spectra.metrics import compute_metrics, module_kinds
+    from spectra.plan.dense import make_delta, natural_key, pair_tensors
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.analysis.metrics import compute_metrics, module_kinds
     from spectra.records import Delta, Skipped, Spectrum
-    from spectra.sigma import (
+    from spectra.engine.sigma import (
         frobenius_energy,
         gram_eigenvalues,
         gram_matrix,
@@ -284,7 +284,7 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
         sigma_from_eigenvalues,
         unresolved,
     )
-    from spectra.spectrum import resolve_device
+    from spectra.engine.local import resolve_device
 
     options = Options(device=device)
     dev = resolve_device(device)

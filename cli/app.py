@@ -129,7 +129,7 @@ def rank(
 
 
 def write_html(analysis: Analysis, path: Path) -> None:
-    from spectra.report import write_report  # matplotlib loads only when a report is asked for
+    from spectra.report.html import write_report  # matplotlib loads only when a report is asked for
 
     write_report(analysis, path)
     err.print(f"wrote {escape(str(path))}")
@@ -157,8 +157,8 @@ def recommend(
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
-    from spectra.recommend import recommend as make_recommendation
-    from spectra.recommend import write_adapter_config
+    from spectra.lora.recommend import recommend as make_recommendation
+    from spectra.lora.recommend import write_adapter_config
 
     with user_errors():
         if not 0.0 < target <= 1.0:
@@ -185,7 +185,7 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Fine-tune a real model two ways (full, LoRA r=8) on a real task, offline, and compare the ranks learned."""
-    from spectra.demo import run_demo
+    from spectra_demo.app import run_demo
 
     setup_logging(verbose)
     with user_errors():

@@ -13,7 +13,7 @@ from rich.text import Text
 from spectra import Analysis, GroupSummary, LayerMetrics, Recommendation
 
 if TYPE_CHECKING:
-    from spectra.demo import DemoResult
+    from spectra_demo.app import DemoResult
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:

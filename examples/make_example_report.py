@@ -15,7 +15,7 @@ from pathlib import Path
 from make_pair import make_pair
 
 from spectra import analyze, save_analysis
-from spectra.report import write_report
+from spectra.report.html import write_report
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 

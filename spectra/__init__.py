@@ -19,7 +19,7 @@ from spectra.records import (
     Spectrum,
     Summary,
 )
-from spectra.store import load_analysis, save_analysis
+from spectra.io.store import load_analysis, save_analysis
 
 __version__ = version()
 

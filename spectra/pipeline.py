@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Protocol, TypeVar
 
-from spectra.adapter import adapter_notes, make_factored_delta, pair_adapter
-from spectra.diff import make_delta, natural_key, pair_tensors
+from spectra.plan.adapter import adapter_notes, make_factored_delta, pair_adapter
+from spectra.plan.dense import make_delta, natural_key, pair_tensors
 from spectra.errors import CheckpointError, MismatchError
-from spectra.load import Checkpoint, open_checkpoint
-from spectra.metrics import compute_metrics, module_kinds, reading_order, summarize
-from spectra.recommend import recommend
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
+from spectra.lora.recommend import recommend
 from spectra.records import Analysis, Delta, LayerMetrics, Options, Skipped, Spectrum
-from spectra.spectrum import compute_spectra, resolve_device
+from spectra.engine.local import compute_spectra, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spectra import Analysis, CheckpointError, MismatchError, Options, analyze, load_analysis, save_analysis
-from spectra.adapter import LoraSettings, _pattern_key, read_lora_settings
-from spectra.load import open_checkpoint
-from spectra.metrics import energy_rank
+from spectra.plan.adapter import LoraSettings, _pattern_key, read_lora_settings
+from spectra.io.checkpoint import open_checkpoint
+from spectra.analysis.metrics import energy_rank
 from spectra.records import Delta, Skipped
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -134,7 +134,7 @@ def test_adapter_alone(adapters: dict[str, Written], variant: str, tmp_path: Pat
 def test_adapter_never_forms_dense_delta(llama: Any, adapters: dict[str, Written],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import spectra.pipeline
-    from spectra.adapter import make_factored_delta as real
+    from spectra.plan.adapter import make_factored_delta as real
 
     seen: list[Delta | Skipped] = []
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spectra.demo import (
+from spectra_demo.app import (
     MARKER,
     DemoSettings,
     Trained,
@@ -30,7 +30,7 @@ from spectra.demo import (
     save_trained,
     training_batches,
 )
-from spectra.demo_data import CodePair, Corpus, extract_pairs, library_files, split_pairs, stdlib_root
+from spectra_demo.data import CodePair, Corpus, extract_pairs, library_files, split_pairs, stdlib_root
 from spectra.errors import OptionsError, SpectraError
 
 LIBRARY = {
@@ -185,7 +185,7 @@ def test_load_trained_accepts_only_complete_entries(tmp_path: Path) -> None:
 
 
 def test_train_or_reuse_reuses_unless_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spectra.demo as demo
+    import spectra_demo.app as demo
 
     folder = tmp_path / "cache" / "key"
     cached = _fake_trained(folder, retrieval=0.6)

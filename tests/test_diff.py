@@ -10,8 +10,8 @@ import torch
 
 from conftest import save_checkpoint
 from spectra import Options
-from spectra.diff import make_delta, pair_tensors, rounding_noise_energy
-from spectra.load import open_checkpoint
+from spectra.plan.dense import make_delta, pair_tensors, rounding_noise_energy
+from spectra.io.checkpoint import open_checkpoint
 
 
 def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], **options: object):  # type: ignore[no-untyped-def]
@@ -98,7 +98,7 @@ def test_chunked_delta_equals_whole_tensor_arithmetic(
     tuned_dtype: torch.dtype,
 ) -> None:
     """ΔW, ‖W_base‖, the noise estimate and its cap do not depend on how many rows are formed at a time."""
-    monkeypatch.setattr("spectra.diff.DIFF_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("spectra.plan.dense.DIFF_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(3)
     w = torch.from_numpy(rng.standard_normal((45, 13)) * 0.02).to(base_dtype)
     w_tuned = (w.double() + torch.from_numpy(rng.standard_normal((45, 13)) * 1e-3)).to(tuned_dtype)

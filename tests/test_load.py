@@ -11,7 +11,7 @@ import torch
 
 from conftest import LAYOUTS, save_checkpoint
 from spectra import CheckpointError
-from spectra.load import open_checkpoint
+from spectra.io.checkpoint import open_checkpoint
 
 TENSORS = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import integrate, optimize
 
-from spectra.metrics import (
+from spectra.analysis.metrics import (
     RANK_RTOL,
     captured_energy,
     compute_metrics,
@@ -410,7 +410,7 @@ def test_summarize_empty() -> None:
 
 
 def test_reading_order_lists_blocks_in_execution_order() -> None:
-    from spectra.metrics import reading_order
+    from spectra.analysis.metrics import reading_order
 
     names = ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight",
              "model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight",

@@ -11,7 +11,7 @@ import torch
 
 from conftest import LAYOUTS, PairFactory, expected_rank, save_checkpoint
 from spectra import Analysis, MismatchError, Options, analyze, load_analysis, save_analysis
-from spectra.store import analysis_from_dict, analysis_to_dict
+from spectra.io.store import analysis_from_dict, analysis_to_dict
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.99, 1.0)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from spectra.plots import (
+from spectra.report.plots import (
     draw_indices,
     marchenko_pastur_profile,
     plot_captured,
@@ -261,7 +261,7 @@ def test_rendering_never_imports_pyplot() -> None:
     """pyplot keeps global figure state; the library must build Figures directly."""
     if "matplotlib.pyplot" in sys.modules:
         pytest.skip("pyplot was imported by something else in this process")
-    from spectra.report import render_html
+    from spectra.report.html import render_html
 
     render_html(make_analysis())
     assert "matplotlib.pyplot" not in sys.modules

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from conftest import spectrum_layer
 from spectra import LayerMetrics, OptionsError, SpectraError
-from spectra.peft_config import EXCLUDE_NOTE, LEGACY_NOTE
-from spectra.recommend import (
+from spectra.peft.config import EXCLUDE_NOTE, LEGACY_NOTE
+from spectra.lora.recommend import (
     CAVEAT,
     allocate_ranks,
     recommend,

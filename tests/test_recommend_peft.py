@@ -16,8 +16,8 @@ import pytest
 
 from conftest import spectrum_layer
 from spectra import LayerMetrics, Recommendation
-from spectra.metrics import module_kinds
-from spectra.recommend import recommend, write_adapter_config
+from spectra.analysis.metrics import module_kinds
+from spectra.lora.recommend import recommend, write_adapter_config
 
 # runs by default (≈7 s, most of it importing transformers): the proof that PEFT loads our configs belongs in CI
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -148,7 +148,7 @@ def test_name_matching_mirrors_peft() -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
-    from spectra.peft_config import _list_hits, _pattern_hits, _pattern_key
+    from spectra.peft.config import _list_hits, _pattern_hits, _pattern_key
 
     config = transformers.BertConfig(**TINY_BERT)
     modules = [n for n, _ in transformers.BertModel(config).named_modules() if n]

@@ -18,7 +18,7 @@ from test_plots import KINDS, empty_analysis, make_analysis
 
 from spectra.errors import SpectraError
 from spectra.records import Analysis, RankOption, Recommendation, Skipped
-from spectra.report import (
+from spectra.report.html import (
     render_comparison_html,
     render_html,
     verdict,
@@ -222,7 +222,7 @@ def test_empty_analysis_renders() -> None:
 
 
 def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("spectra.report.render_html", lambda a: html)
+    monkeypatch.setattr("spectra.report.html.render_html", lambda a: html)
     out = write_report(analysis, tmp_path / "report.html")
     assert out == tmp_path / "report.html" and out.read_text(encoding="utf-8") == html
     mask = os.umask(0)
@@ -234,7 +234,7 @@ def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, m
     def boom(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("spectra.store.os.fsync", boom)
+    monkeypatch.setattr("spectra.io.store.os.fsync", boom)
     with pytest.raises(SpectraError, match="disk full"):
         write_report(analysis, out)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

@@ -13,11 +13,12 @@ import scipy.linalg
 import torch
 
 from conftest import planted_matrix, planted_spectra, requires_cuda
-from spectra import Options, sigma
-from spectra.metrics import captured_energy, energy_rank, stable_rank
+from spectra import Options
+from spectra.engine import sigma
+from spectra.analysis.metrics import captured_energy, energy_rank, stable_rank
 from spectra.records import Delta, Spectrum
-from spectra.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
-from spectra.spectrum import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
+from spectra.engine.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
+from spectra.engine.local import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
 
@@ -81,7 +82,7 @@ def test_numerically_low_rank_delta_is_redone_in_float64() -> None:
 def test_realistic_full_rank_delta_stays_float32_with_its_small_values_accurate() -> None:
     """Power-law signal plus 5% Gaussian noise, square: 3% of σ lie under the worst-case float32 floor (the old
     rule redid it in float64), yet float32 resolves them to 1e-4·σ1; effective and Gavish–Donoho ranks agree."""
-    from spectra.metrics import effective_rank, gavish_donoho_rank
+    from spectra.analysis.metrics import effective_rank, gavish_donoho_rank
 
     rng = np.random.default_rng(7)
     k = 300
@@ -146,10 +147,10 @@ def test_float32_gram_matrix_on_either_cpu_route(
     """float32 lower triangle within float32 rounding of the float64 product, by oneDNN (a tall matrix in chunks
     of 100 rows, the last one short) or by torch.matmul."""
     if route == "matmul":
-        monkeypatch.setattr("spectra.sigma._onednn_linear", lambda: None)
+        monkeypatch.setattr("spectra.engine.sigma._onednn_linear", lambda: None)
     elif sigma._onednn_linear() is None:
         pytest.skip("no oneDNN float32 matmul in this torch build / CPU")
-    monkeypatch.setattr("spectra.sigma.ONEDNN_CHUNK_BYTES", 100 * min(shape) * 4)
+    monkeypatch.setattr("spectra.engine.sigma.ONEDNN_CHUNK_BYTES", 100 * min(shape) * 4)
     x = torch.from_numpy(np.random.default_rng(9).standard_normal((1, *shape)))
     with full_float32():
         g = gram_matrix(x.float()).double().numpy()[0]

@@ -2,8 +2,8 @@
 
 Layouts: a `.safetensors` file; a folder with `model.safetensors`; a folder with `model.safetensors.index.json` and
 its shards (Hugging Face); a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`, format
-"peft-adapter", interpreted by spectra.adapter); a hub id `org/name[@revision]`, when no such path exists, resolved
-from the local Hugging Face cache (spectra.hub). Tensors are read with plain positioned reads into a fresh tensor
+"peft-adapter", interpreted by spectra.plan.adapter); a hub id `org/name[@revision]`, when no such path exists, resolved
+from the local Hugging Face cache (spectra.io.hub). Tensors are read with plain positioned reads into a fresh tensor
 rather than through a memory map, so resident memory stays bounded by the tensors in flight, whatever the
 checkpoint's size. Pickle checkpoints (`.bin`, `.pt`) are refused, never unpickled.
 """
@@ -22,7 +22,7 @@ from types import TracebackType
 import torch
 
 from spectra.errors import CheckpointError
-from spectra.hub import parse_hub_id, resolve_hub_id
+from spectra.io.hub import parse_hub_id, resolve_hub_id
 from spectra.records import CheckpointInfo
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ import jinja2
 import markupsafe
 from matplotlib.figure import Figure
 
-from spectra.plots import plot_captured, plot_energy, plot_rank_by_depth, plot_rank_heatmap, plot_spectra
+from spectra.report.plots import plot_captured, plot_energy, plot_rank_by_depth, plot_rank_heatmap, plot_spectra
 from spectra.records import Analysis
-from spectra.store import write_atomic
+from spectra.io.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def _n_params(analysis: Analysis) -> int:
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("spectra", "templates"),
+        loader=jinja2.PackageLoader("spectra.report", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

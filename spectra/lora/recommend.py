@@ -1,7 +1,7 @@
 """list[LayerMetrics] -> Recommendation: the uniform-rank trade-off, per-module ranks under a parameter budget,
 and the targets, reason and advice around them (METHODS.md §4).
 
-numpy only. The adapter_config itself (and `write_adapter_config`, re-exported here) lives in `spectra.peft_config`.
+numpy only. The adapter_config itself (and `write_adapter_config`, re-exported here) lives in `spectra.peft.config`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectra.errors import OptionsError
-from spectra.peft_config import build_adapter_config
-from spectra.peft_config import write_adapter_config as write_adapter_config  # re-exported: the CLI imports it here
+from spectra.peft.config import build_adapter_config
+from spectra.peft.config import write_adapter_config as write_adapter_config  # re-exported: the CLI imports it here
 from spectra.records import LayerMetrics, RankOption, Recommendation
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 negatives, measure held-out top-1 retrieval, and save the results under the base checkpoint's keys.
 
 The loss is the model's own objective: mean pooling, cosine similarity × 20, cross-entropy over the batch.
-`spectra.demo` decides what to train and when (caching, analysis, report); this module only trains.
+`spectra_demo.app` decides what to train and when (caching, analysis, report); this module only trains.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from spectra.demo_data import CodePair, Corpus
+from spectra_demo.data import CodePair, Corpus
 from spectra.errors import OptionsError, SpectraError
 from spectra.pipeline import ProgressHook
 

@@ -34,7 +34,7 @@ import torch
 
 from spectra.errors import OptionsError
 from spectra.records import Delta, Options, Spectrum
-from spectra.sigma import (
+from spectra.engine.sigma import (
     cpu_threads,
     exact_values,
     factored_values,

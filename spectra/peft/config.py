@@ -20,7 +20,7 @@ from typing import Any
 
 from spectra.errors import SpectraError
 from spectra.records import LayerMetrics, Recommendation
-from spectra.store import write_atomic
+from spectra.io.store import write_atomic
 
 log = logging.getLogger(__name__)
 

