@@ -272,7 +272,8 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
 
     import spectra.plan.dense
     from spectra import Options
-    from spectra.plan.dense import make_delta, natural_key, pair_tensors
+    from spectra.names import natural_key
+from spectra.plan.dense import make_delta, pair_tensors
     from spectra.io.checkpoint import open_checkpoint
     from spectra.analysis.metrics import compute_metrics, module_kinds
     from spectra.records import Delta, Skipped, Spectrum

@@ -6,6 +6,7 @@
 """
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
+from spectra.io.store import load_analysis, save_analysis
 from spectra.pipeline import analyze, version
 from spectra.records import (
     Analysis,
@@ -19,7 +20,6 @@ from spectra.records import (
     Spectrum,
     Summary,
 )
-from spectra.io.store import load_analysis, save_analysis
 
 __version__ = version()
 

@@ -10,14 +10,15 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Protocol, TypeVar
 
-from spectra.plan.adapter import adapter_notes, make_factored_delta, pair_adapter
-from spectra.plan.dense import make_delta, natural_key, pair_tensors
+from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
+from spectra.engine.local import compute_spectra, resolve_device
 from spectra.errors import CheckpointError, MismatchError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
-from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
 from spectra.lora.recommend import recommend
+from spectra.names import natural_key
+from spectra.plan.adapter import adapter_notes, make_factored_delta, pair_adapter
+from spectra.plan.dense import make_delta, pair_tensors
 from spectra.records import Analysis, Delta, LayerMetrics, Options, Skipped, Spectrum
-from spectra.engine.local import compute_spectra, resolve_device
 
 log = logging.getLogger(__name__)
 

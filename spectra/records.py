@@ -84,20 +84,8 @@ class Skipped:
     """A tensor that was not analysed, and why."""
 
     name: str  # checkpoint key, verbatim (tuned side when it exists)
-    reason: str  # one of SKIP_REASONS
+    reason: str  # a key of spectra.names.SKIP_REASONS
     detail: str = ""  # human detail, e.g. "base (32000, 64) vs tuned (32008, 64)"
-
-
-SKIP_REASONS = (
-    "not-2d",
-    "not-float",
-    "only-in-base",
-    "only-in-tuned",
-    "shape-mismatch",
-    "excluded",
-    "unchanged",
-    "unsupported",
-)
 
 
 @dataclass(frozen=True, slots=True)

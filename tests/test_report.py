@@ -234,7 +234,7 @@ def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, m
     def boom(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("spectra.io.store.os.fsync", boom)
+    monkeypatch.setattr("spectra.io.files.os.fsync", boom)
     with pytest.raises(SpectraError, match="disk full"):
         write_report(analysis, out)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

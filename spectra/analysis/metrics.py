@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 
+from spectra.names import RANK_RTOL as RANK_RTOL
+from spectra.names import module_kinds as module_kinds
+from spectra.names import reading_order as reading_order
 from spectra.records import GroupSummary, LayerMetrics, Options, Spectrum, Summary
 
 log = logging.getLogger(__name__)
 
-RANK_RTOL = 1e-6  # relative slack on τ·E, so k equal σ give ceil(τ·k) despite rounding in the cumulative sum
 
 
 def _cumulative_energy(s: np.ndarray) -> np.ndarray:
@@ -131,55 +132,6 @@ def gavish_donoho_rank(s: np.ndarray, shape: tuple[int, int]) -> int:
     s = np.asarray(s, dtype=np.float64)
     padded = np.concatenate([s, np.zeros(max(min(shape) - s.size, 0))])
     return int(np.count_nonzero(s > omega * float(np.median(padded)))) if padded.size else 0
-
-
-def _split_key(name: str) -> tuple[tuple[str, ...], int | None]:
-    """(path after the block index without a trailing "weight", block index) of a checkpoint key."""
-    parts = name.split(".")
-    at = next((i for i, p in enumerate(parts) if p.isascii() and p.isdigit()), None)
-    path = parts[at + 1 :] if at is not None else parts
-    if len(path) > 1 and path[-1] == "weight":
-        path = path[:-1]
-    return tuple(path), None if at is None else int(parts[at])
-
-
-def module_kinds(names: Sequence[str]) -> dict[str, tuple[str, int | None]]:
-    """Checkpoint key -> (module kind, block index); the kind is the shortest path suffix unique in `names`.
-
-    "model.layers.3.self_attn.q_proj.weight" -> ("q_proj", 3); in BERT, "...attention.output.dense.weight"
-    -> ("attention.output.dense", i) and "...intermediate.dense.weight" -> ("intermediate.dense", i).
-
-    Args:
-        names: checkpoint keys, verbatim.
-    """
-    split = {name: _split_key(name) for name in names}
-    paths = {path for path, _ in split.values()}
-    n_ending = Counter(path[-k:] for path in paths for k in range(1, len(path) + 1))
-
-    def label(path: tuple[str, ...]) -> str:
-        unique = next((path[-k:] for k in range(1, len(path) + 1) if n_ending[path[-k:]] == 1), path)
-        return ".".join(unique)
-
-    return {name: (label(path), layer) for name, (path, layer) in split.items()}
-
-
-# Projections in the order a transformer block runs them; kinds not listed keep their name order after these.
-BLOCK_ORDER = (
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "query", "key", "value", "attention.output.dense",
-    "c_attn", "attn.c_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj", "w1", "w3", "w2", "fc1", "fc2",
-    "intermediate.dense", "output.dense", "c_fc", "mlp.c_proj",
-)
-
-
-def reading_order(kind: str, layer: int | None) -> tuple[int, int, int]:
-    """Sort key: embeddings first, then each block's matrices in execution order, then heads (ties: by name).
-
-    Args:
-        kind, layer: as returned by `module_kinds`.
-    """
-    if layer is None:
-        return (0 if "embed" in kind or kind in ("wte", "wpe") else 2), 0, 0
-    return 1, layer, BLOCK_ORDER.index(kind) if kind in BLOCK_ORDER else len(BLOCK_ORDER)
 
 
 def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int | None) -> LayerMetrics:

@@ -32,8 +32,6 @@ from typing import Final, TypeVar
 
 import torch
 
-from spectra.errors import OptionsError
-from spectra.records import Delta, Options, Spectrum
 from spectra.engine.sigma import (
     cpu_threads,
     exact_values,
@@ -42,6 +40,8 @@ from spectra.engine.sigma import (
     frobenius_energy,
     full_float32,
 )
+from spectra.errors import OptionsError
+from spectra.records import Delta, Options, Spectrum
 
 log = logging.getLogger(__name__)
 

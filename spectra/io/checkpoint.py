@@ -23,14 +23,11 @@ import torch
 
 from spectra.errors import CheckpointError
 from spectra.io.hub import parse_hub_id, resolve_hub_id
+from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, SINGLE_NAME
 from spectra.records import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2**20
 

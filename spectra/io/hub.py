@@ -16,16 +16,14 @@ from types import ModuleType
 from typing import Any
 
 from spectra.errors import CheckpointError
+from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, MODEL_CONFIG
 
 log = logging.getLogger(__name__)
 
 # org/name with hub-legal characters, then an optional @revision (branch, tag or commit)
 HUB_ID = re.compile(r"^(?P<repo>[\w][\w.-]*/[\w][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
-INDEX_NAME = "model.safetensors.index.json"  # the names load.py looks for in a folder
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # small files that say which weights a checkpoint needs; checked for completeness in the cache
-LAYOUT_FILES = ["config.json", INDEX_NAME, ADAPTER_CONFIG]
+LAYOUT_FILES = [MODEL_CONFIG, INDEX_NAME, ADAPTER_CONFIG]
 INSTALL_HINT = "pip install 'spectra-lm[hub]'"
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectra.errors import OptionsError
+from spectra.names import CAVEAT as CAVEAT
+from spectra.names import RANK_RTOL, is_embedding
 from spectra.peft.config import build_adapter_config
 from spectra.peft.config import write_adapter_config as write_adapter_config  # re-exported: the CLI imports it here
 from spectra.records import LayerMetrics, RankOption, Recommendation
@@ -20,14 +22,7 @@ from spectra.records import LayerMetrics, RankOption, Recommendation
 log = logging.getLogger(__name__)
 
 MIN_KIND_SHARE = 0.01  # "meaningful energy": a module kind holding < 1% of the candidates' Σ‖ΔW‖_F² is not targeted
-EMBEDDING_KINDS = frozenset({"lm_head", "embed_out", "embed_in", "wte", "wpe", "shared"})  # plus any kind with "embed"
-_RTOL = 1e-6  # relative slack on target·E, as in metrics.energy_rank (k equal σ reach k/n despite rounding)
 
-CAVEAT = (
-    "Caveat: captured energy is the most a LoRA of that rank can represent of ΔW (an upper bound in Frobenius "
-    "norm), not a prediction of task accuracy; the rank a task needs can be lower than the rank that "
-    "reconstructs ΔW (Biderman et al. 2024)."
-)
 ADVICE = (
     "Practice, not derived from this spectrum (Biderman et al. 2024): target all linear modules "
     "(q, k, v, o, gate, up, down) with α = 2r; LoRA suits instruction tuning better than continued pretraining.",
@@ -172,10 +167,6 @@ def allocate_ranks(layers: Sequence[LayerMetrics], budget: int) -> dict[str, int
     return {layer.name: int(r) for layer, r in zip(layers, ranks, strict=True)}
 
 
-def _is_embedding(kind: str) -> bool:
-    return "embed" in kind.lower() or kind.split(".")[-1] in EMBEDDING_KINDS
-
-
 def _select_targets(layers: Sequence[LayerMetrics], include_embeddings: bool) -> tuple[list[LayerMetrics], list[str]]:
     """The matrices of the module kinds LoRA should target, and "kind (why not)" for the others.
 
@@ -186,7 +177,7 @@ def _select_targets(layers: Sequence[LayerMetrics], include_embeddings: bool) ->
         kinds.setdefault(layer.kind, []).append(layer)
     dropped, candidates = [], {}
     for kind, group in kinds.items():
-        if _is_embedding(kind) and not include_embeddings:
+        if is_embedding(kind) and not include_embeddings:
             dropped.append(f"{kind} (embedding or output head)")
         elif all(lm.noisy for lm in group):
             dropped.append(f"{kind} (at the rounding-noise floor)")
@@ -213,7 +204,7 @@ def _count(n: int) -> str:
 def _uniform_rank(spectra: _Spectra, target: float, max_rank: int) -> tuple[int, int | None]:
     """(recommended uniform rank, smallest power of two reaching `target` or None if none does)."""
     top = int(spectra.side.max())
-    needed = next((r for r in _candidates(top) if spectra.option(r).captured >= target * (1 - _RTOL)), None)
+    needed = next((r for r in _candidates(top) if spectra.option(r).captured >= target * (1 - RANK_RTOL)), None)
     if needed is not None and needed <= max_rank:
         return needed, needed
     return min(max_rank, top), needed
@@ -268,7 +259,7 @@ def recommend(
     ranks = np.array(list(allocation.values()))
     total = float(spectra.energy.sum())
     config, notes = build_adapter_config(layers, allocation, rslora=rslora, task_type=task_type, base_model=base_model)
-    cap_binds = uniform.captured < target * (1 - _RTOL)
+    cap_binds = uniform.captured < target * (1 - RANK_RTOL)
     allocation_captured = min(spectra.captured(ranks) / total, 1.0)
     if cap_binds:
         first = (

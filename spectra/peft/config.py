@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError
+from spectra.io.files import write_atomic
 from spectra.records import LayerMetrics, Recommendation
-from spectra.io.store import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from spectra.plan.dense import filter_reason, match_names, non_finite_error
 from spectra.errors import CheckpointError
 from spectra.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from spectra.plan.dense import filter_reason, match_names, non_finite_error
 from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,12 @@ import torch
 
 from spectra.errors import CheckpointError
 from spectra.io.checkpoint import Checkpoint, TensorEntry
+from spectra.names import is_vocabulary, natural_key
 from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)
 
 DIFF_CHUNK_BYTES = 4 * 2**20  # ΔW rows formed at a time (read, measured, upcast, subtracted while in cache)
-# modules whose weight rows are vocabulary entries (Llama/Mistral, GPT-NeoX, GPT-2, BERT, T5, Meta's llama format)
-VOCAB_MODULES = frozenset({"embed_tokens", "lm_head", "embed_in", "embed_out", "wte", "word_embeddings", "shared",
-                           "tok_embeddings"})
 # mantissa bits (with the implicit one) of storage formats whose rounding noise we estimate; f32/f64 count as exact
 MANTISSA_BITS = {"bf16": 8, "f16": 11, "f8_e4m3": 4, "f8_e5m2": 3}
 
@@ -35,11 +33,6 @@ class Pair:
     base_name: str | None  # None: no base checkpoint (adapters analysed alone)
     shape: tuple[int, int]  # the rows both sides have (a resized vocabulary compares its shared rows)
     note: str | None = None  # what the analysis of this pair leaves out, for Analysis.notes
-
-
-def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders `layers.2` before `layers.10`."""
-    return tuple((0, int(t)) if t.isdigit() else (1, t) for t in re.split(r"(\d+)", name))
 
 
 def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple[list[Pair], list[Skipped]]:
@@ -73,10 +66,7 @@ def pair_tensors(base: Checkpoint, tuned: Checkpoint, options: Options) -> tuple
 def _vocabulary_resized(name: str, base: tuple[int, ...], tuned: tuple[int, ...]) -> str | None:
     """The note for an embedding or output matrix whose vocabulary rows were added or removed (tokens appended by
     `resize_token_embeddings`), or None for any other shape change: ΔW is then formed over the shared rows."""
-    parts = name.split(".")
-    module = parts[-2] if len(parts) > 1 and parts[-1] == "weight" else parts[-1]
-    is_vocab = module in VOCAB_MODULES or name == "output.weight"
-    if not (is_vocab and len(base) == len(tuned) == 2 and base[1] == tuned[1] and base[0] != tuned[0]):
+    if not (is_vocabulary(name) and len(base) == len(tuned) == 2 and base[1] == tuned[1] and base[0] != tuned[0]):
         return None
     shared, change, n = min(base[0], tuned[0]), "added" if tuned[0] > base[0] else "removed", abs(tuned[0] - base[0])
     rest = f"the {change} row has" if n == 1 else f"the {n} {change} rows have"

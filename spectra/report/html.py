@@ -17,9 +17,10 @@ import jinja2
 import markupsafe
 from matplotlib.figure import Figure
 
-from spectra.report.plots import plot_captured, plot_energy, plot_rank_by_depth, plot_rank_heatmap, plot_spectra
+from spectra.io.files import write_atomic
+from spectra.names import SKIP_REASONS
 from spectra.records import Analysis
-from spectra.io.store import write_atomic
+from spectra.report.plots import plot_captured, plot_energy, plot_rank_by_depth, plot_rank_heatmap, plot_spectra
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,6 @@ CAVEAT = (
     "needs can be much lower (Biderman et al. 2024): a LoRA that captures a small share of ΔW may still match "
     "the full fine-tune on the task, and rounding noise inflates the rank of small updates."
 )
-SKIP_REASONS = {
-    "not-2d": "not a 2-D weight matrix (bias, norm, scalar)",
-    "not-float": "not a floating-point tensor",
-    "only-in-base": "present in the base checkpoint only",
-    "only-in-tuned": "present in the tuned checkpoint only",
-    "shape-mismatch": "base and tuned shapes differ",
-    "excluded": "left out by include/exclude",
-    "unchanged": "ΔW is exactly zero",
-    "unsupported": "a tensor spectra cannot analyse",
-}
-
-
 @dataclass(frozen=True, slots=True)
 class _Plot:
     """One embedded figure: anchor id, title, how to read it, PNG data URI."""
