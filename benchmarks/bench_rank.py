@@ -272,11 +272,8 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
 
     import spectra.plan.dense
     from spectra import Options
-    from spectra.names import natural_key
-from spectra.plan.dense import make_delta, pair_tensors
-    from spectra.io.checkpoint import open_checkpoint
     from spectra.analysis.metrics import compute_metrics, module_kinds
-    from spectra.records import Delta, Skipped, Spectrum
+    from spectra.engine.local import resolve_device
     from spectra.engine.sigma import (
         frobenius_energy,
         gram_eigenvalues,
@@ -285,7 +282,10 @@ from spectra.plan.dense import make_delta, pair_tensors
         sigma_from_eigenvalues,
         unresolved,
     )
-    from spectra.engine.local import resolve_device
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.names import natural_key
+    from spectra.plan.dense import make_delta, pair_tensors
+    from spectra.records import Delta, Skipped, Spectrum
 
     options = Options(device=device)
     dev = resolve_device(device)

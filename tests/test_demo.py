@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from spectra.errors import OptionsError, SpectraError
 from spectra_demo.app import (
     MARKER,
     DemoSettings,
@@ -31,7 +32,6 @@ from spectra_demo.app import (
     training_batches,
 )
 from spectra_demo.data import CodePair, Corpus, extract_pairs, library_files, split_pairs, stdlib_root
-from spectra.errors import OptionsError, SpectraError
 
 LIBRARY = {
     "pkg/mod.py": '''

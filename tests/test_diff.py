@@ -10,8 +10,8 @@ import torch
 
 from conftest import save_checkpoint
 from spectra import Options
-from spectra.plan.dense import make_delta, pair_tensors, rounding_noise_energy
 from spectra.io.checkpoint import open_checkpoint
+from spectra.plan.dense import make_delta, pair_tensors, rounding_noise_energy
 
 
 def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], **options: object):  # type: ignore[no-untyped-def]

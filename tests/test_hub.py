@@ -17,8 +17,8 @@ import pytest
 
 from conftest import PairFactory
 from spectra import CheckpointError, Options, analyze
-from spectra.io.hub import parse_hub_id, resolve_hub_id
 from spectra.io.checkpoint import open_checkpoint
+from spectra.io.hub import parse_hub_id, resolve_hub_id
 
 hub = pytest.importorskip("huggingface_hub")
 

@@ -14,8 +14,8 @@ import torch
 
 from conftest import planted_matrix, save_checkpoint
 from spectra import Analysis, Options, analyze
-from spectra.plan.dense import make_delta, pair_tensors
 from spectra.io.checkpoint import open_checkpoint
+from spectra.plan.dense import make_delta, pair_tensors
 from spectra.records import Delta
 
 SHAPE = (256, 320)

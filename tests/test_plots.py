@@ -15,15 +15,6 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from spectra.report.plots import (
-    draw_indices,
-    marchenko_pastur_profile,
-    plot_captured,
-    plot_energy,
-    plot_rank_by_depth,
-    plot_rank_heatmap,
-    plot_spectra,
-)
 from spectra.records import (
     Analysis,
     CheckpointInfo,
@@ -33,6 +24,15 @@ from spectra.records import (
     Recommendation,
     Skipped,
     Summary,
+)
+from spectra.report.plots import (
+    draw_indices,
+    marchenko_pastur_profile,
+    plot_captured,
+    plot_energy,
+    plot_rank_by_depth,
+    plot_rank_heatmap,
+    plot_spectra,
 )
 
 KINDS = ("q_proj", "v_proj", "down_proj")

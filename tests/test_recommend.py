@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from conftest import spectrum_layer
 from spectra import LayerMetrics, OptionsError, SpectraError
-from spectra.peft.config import EXCLUDE_NOTE, LEGACY_NOTE
 from spectra.lora.recommend import (
     CAVEAT,
     allocate_ranks,
@@ -25,6 +24,7 @@ from spectra.lora.recommend import (
     uniform_tradeoff,
     write_adapter_config,
 )
+from spectra.peft.config import EXCLUDE_NOTE, LEGACY_NOTE
 
 Spectrum = Sequence[float] | np.ndarray  # planted singular values, any order
 

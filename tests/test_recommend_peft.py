@@ -148,13 +148,13 @@ def test_name_matching_mirrors_peft() -> None:
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
-    from spectra.peft.config import _list_hits, _pattern_hits, _pattern_key
+    from spectra.peft.layout import list_hits, literal_pattern, pattern_hits
 
     config = transformers.BertConfig(**TINY_BERT)
     modules = [n for n, _ in transformers.BertModel(config).named_modules() if n]
     suffixes = {".".join(m.split(".")[-k:]) for m in modules for k in (1, 2, 3)}
     for entry in sorted(suffixes | set(modules[:20])):
         lora = peft.LoraConfig(target_modules=[entry])
-        assert _list_hits(entry, modules) == {m for m in modules if check_target_module_exists(lora, m)}, entry
-        key = _pattern_key(entry)
-        assert _pattern_hits(key, modules) == {m for m in modules if get_pattern_key([key], m) == key}, entry
+        assert list_hits(entry, modules) == {m for m in modules if check_target_module_exists(lora, m)}, entry
+        key = literal_pattern(entry)
+        assert pattern_hits(key, modules) == {m for m in modules if get_pattern_key([key], m) == key}, entry

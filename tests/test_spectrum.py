@@ -14,11 +14,11 @@ import torch
 
 from conftest import planted_matrix, planted_spectra, requires_cuda
 from spectra import Options
-from spectra.engine import sigma
 from spectra.analysis.metrics import captured_energy, energy_rank, stable_rank
-from spectra.records import Delta, Spectrum
-from spectra.engine.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
+from spectra.engine import sigma
 from spectra.engine.local import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
+from spectra.engine.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
+from spectra.records import Delta, Spectrum
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
 

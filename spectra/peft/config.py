@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError
 from spectra.io.files import write_atomic
+from spectra.names import module_name
+from spectra.peft.layout import list_hits, literal_pattern, pattern_hits
 from spectra.records import LayerMetrics, Recommendation
 
 log = logging.getLogger(__name__)
@@ -29,28 +30,6 @@ LEGACY_NOTE = (
     "Compatibility: rank_pattern keys resolve as intended with PEFT ≥ 0.15 only (older versions require a dot "
     "before every key and would silently give some modules the default r)."
 )
-
-
-def _module(name: str) -> str:
-    """PEFT module name of a checkpoint key: the key without its trailing ".weight"."""
-    return name[: -len(".weight")] if name.endswith(".weight") else name
-
-
-def _pattern_key(name: str) -> str:
-    """A rank_pattern key for a literal name: dots left as they are (PEFT's own examples), other specials escaped."""
-    return re.escape(name).replace(r"\.", ".")
-
-
-def _pattern_hits(key: str, modules: Iterable[str], legacy: bool = False) -> set[str]:
-    """Modules a rank_pattern/alpha_pattern key matches, as peft.utils.other.get_pattern_key does (PEFT ≥ 0.15;
-    `legacy`: PEFT 0.13-0.14, whose pattern `.*\\.{key}$` needs a dot before the key)."""
-    pattern = rf".*\.{key}$" if legacy else rf"(.*\.)?({key})$"
-    return {m for m in modules if re.match(pattern, m)}
-
-
-def _list_hits(entry: str, modules: Iterable[str]) -> set[str]:
-    """Modules a target_modules/exclude_modules list entry matches, as peft's check_target_module_exists does."""
-    return {m for m in modules if m == entry or m.endswith(f".{entry}")}
 
 
 def _alpha(r: int, rslora: bool) -> float | int:
@@ -64,12 +43,12 @@ def _alpha(r: int, rslora: bool) -> float | int:
 def _resolve(config: Mapping[str, Any], module: str, legacy: bool = False) -> tuple[int, float] | None:
     """(r, lora_alpha) PEFT gives `module` under `config`, or None when it wraps nothing there."""
     excluded = config.get("exclude_modules") or []
-    if any(module in _list_hits(e, [module]) for e in excluded):
+    if any(module in list_hits(e, [module]) for e in excluded):
         return None
-    if not any(module in _list_hits(t, [module]) for t in config["target_modules"]):
+    if not any(module in list_hits(t, [module]) for t in config["target_modules"]):
         return None
-    r_key = next((k for k in config["rank_pattern"] if _pattern_hits(k, [module], legacy)), None)
-    a_key = next((k for k in config["alpha_pattern"] if _pattern_hits(k, [module], legacy)), None)
+    r_key = next((k for k in config["rank_pattern"] if pattern_hits(k, [module], legacy)), None)
+    a_key = next((k for k in config["alpha_pattern"] if pattern_hits(k, [module], legacy)), None)
     r = config["rank_pattern"][r_key] if r_key is not None else config["r"]
     alpha = config["alpha_pattern"][a_key] if a_key is not None else config["lora_alpha"]
     return int(r), float(alpha)
@@ -108,7 +87,7 @@ def _adapter_config(
     for kind in sorted({kind_of[m] for m in active}):
         of_kind = {m for m, k in kind_of.items() if k == kind}
         ranked = [m for m in ranks if kind_of[m] == kind and m in active]
-        if compress and _list_hits(kind, kind_of) == of_kind:
+        if compress and list_hits(kind, kind_of) == of_kind:
             targets.append(kind)
             keys.listed[kind] = of_kind
             excluded += [m for m in of_kind if m not in active]
@@ -116,13 +95,13 @@ def _adapter_config(
             targets += ranked
             keys.listed.update({m: {m} for m in ranked})
         values = {active[m] for m in ranked}
-        if compress and len(values) == 1 and _pattern_hits(_pattern_key(kind), kind_of) == of_kind:
+        if compress and len(values) == 1 and pattern_hits(literal_pattern(kind), kind_of) == of_kind:
             if values != {default}:
-                pattern[_pattern_key(kind)] = values.pop()
-                keys.patterned[_pattern_key(kind)] = of_kind
+                pattern[literal_pattern(kind)] = values.pop()
+                keys.patterned[literal_pattern(kind)] = of_kind
             continue
         for m in ranked:  # compressed: "layers.0.self_attn.q_proj", so older PEFT (a dot before keys) matches too
-            key = _pattern_key(m.split(".", 1)[-1] if compress else m)
+            key = literal_pattern(m.split(".", 1)[-1] if compress else m)
             if active[m] != default or not compress:
                 pattern[key] = active[m]
                 keys.patterned[key] = {m}
@@ -155,10 +134,10 @@ def _verify(
     """Every way PEFT would read `config` differently from `ranks` on the analysed `modules`; empty when exact."""
     problems = []
     for key in [*config["rank_pattern"], *config["alpha_pattern"]]:
-        if (hits := _pattern_hits(key, modules, legacy)) != keys.patterned.get(key):
+        if (hits := pattern_hits(key, modules, legacy)) != keys.patterned.get(key):
             problems.append(f"pattern key {key!r} matches {sorted(hits)}")
     for entry in [*config["target_modules"], *config.get("exclude_modules", [])]:
-        if (hits := _list_hits(entry, modules)) != keys.listed.get(entry):
+        if (hits := list_hits(entry, modules)) != keys.listed.get(entry):
             problems.append(f"list entry {entry!r} matches {sorted(hits)}")
     for module in modules:
         r = ranks.get(module, 0)
@@ -192,10 +171,10 @@ def build_adapter_config(
     Raises:
         SpectraError: two analysed matrices share a module name.
     """
-    kind_of = {_module(lm.name): lm.kind for lm in layers}
+    kind_of = {module_name(lm.name): lm.kind for lm in layers}
     if len(kind_of) != len(layers):
         raise SpectraError("two analysed matrices share a module name; PEFT could not tell them apart")
-    ranks = {_module(name): r for name, r in allocation.items()}
+    ranks = {module_name(name): r for name, r in allocation.items()}
     problems: list[str] = []
     for compress in (True, False):
         config, keys = _adapter_config(

@@ -11,76 +11,20 @@ is reported as skipped with the reason, never read as something else.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from spectra.errors import CheckpointError
-from spectra.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from spectra.io.checkpoint import Checkpoint
+from spectra.peft.layout import LORA_KEY, PREFIX, targets_parameter
+from spectra.peft.read import LoraSettings, read_lora_settings
 from spectra.plan.dense import filter_reason, match_names, non_finite_error
 from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)
-
-# <prefix><module>.<part>[.<adapter name>][.weight|.bias]; the adapter name is never "weight" or "bias"
-LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
-)
-PREFIX = "base_model.model."
-# LoraConfig fields that switch on a LoRA variant whose ΔW is not scale·B@A (or whose modules are not the base's)
-VARIANTS = {
-    "use_dora": "DoRA",
-    "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "aLoRA (activated LoRA)",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "use_bdlora": "BD-LoRA",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "layer_replication": "layer_replication",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class LoraSettings:
-    """What spectra needs from adapter_config.json (the fields PEFT's LoraConfig uses to build ΔW)."""
-
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    fan_in_fan_out: bool
-    rank_pattern: dict[str, int]
-    alpha_pattern: dict[str, float]
-    variant: str | None  # an unsupported LoRA variant switched on for every module, e.g. "DoRA"
-    modules_to_save: tuple[str, ...]
-    target_parameters: tuple[str, ...]
-
-    def rank_and_alpha(self, module: str) -> tuple[int, float]:
-        """(r, lora_alpha) of `module` ("model.layers.0.self_attn.q_proj"), patterns applied as peft does."""
-        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module), self.r)
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module), self.lora_alpha)
-        return int(r), float(alpha)
-
-    def scale(self, module: str) -> float:
-        """PEFT's scaling of B@A for `module`: lora_alpha/r, or lora_alpha/√r with rsLoRA."""
-        r, alpha = self.rank_and_alpha(module)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def _pattern_key(patterns: dict[str, Any], module: str) -> str:
-    """peft.utils.other.get_pattern_key: the first pattern p (a regex) with `(.*\\.)?(p)$` matching, else `module`."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return module
-
 
 @dataclass(frozen=True, slots=True)
 class AdapterPair:
@@ -93,53 +37,6 @@ class AdapterPair:
     b: str  # adapter key of B, shape (out, r) — (embedding_dim, r) for embeddings
     scale: float
     transpose: bool  # ΔW = (scale·B@A)ᵀ: embeddings, fan_in_fan_out (GPT-2 Conv1D)
-
-
-def read_lora_settings(adapter: Checkpoint) -> LoraSettings:
-    """Parse the adapter's adapter_config.json.
-
-    Raises:
-        CheckpointError: the config is missing or malformed, or the adapter is not a LoRA (IA3, LoKr, ...).
-    """
-    file = adapter.location / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text())
-        assert isinstance(config, dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
-        raise CheckpointError(f"{file}: not a readable PEFT adapter config (a JSON object)") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        kind = peft_type or "unknown (no peft_type)"
-        raise CheckpointError(f"{adapter.path}: PEFT adapter type {kind} is not supported; spectra reads LoRA adapters")
-    try:
-        settings = _settings(config)
-    except (AttributeError, TypeError, ValueError, re.error) as exc:
-        raise CheckpointError(f"{file}: malformed LoRA config ({exc})") from None
-    return settings
-
-
-def _settings(config: dict[str, Any]) -> LoraSettings:
-    rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
-    alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
-    for key in (*rank_pattern, *alpha_pattern):
-        re.compile(key)  # peft uses pattern keys as regular expressions
-    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    if r < 1 or any(v < 1 for v in rank_pattern.values()):
-        raise ValueError(f"ranks must be positive, got r={r}, rank_pattern={rank_pattern}")
-    variants = [name for field, name in VARIANTS.items() if config.get(field)]  # init_lora_weights: init only
-    return LoraSettings(
-        r=r, lora_alpha=alpha, use_rslora=bool(config.get("use_rslora")),
-        fan_in_fan_out=bool(config.get("fan_in_fan_out")), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        variant=" + ".join(variants) or None, modules_to_save=_names(config.get("modules_to_save")),
-        target_parameters=_names(config.get("target_parameters")),
-    )
-
-
-def _names(value: object) -> tuple[str, ...]:
-    """A config field that is None, one name, or a list of names."""
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
-    return () if value is None else (str(value),)
 
 
 def pair_adapter(
@@ -158,7 +55,7 @@ def pair_adapter(
     Raises:
         CheckpointError: bad adapter_config.json, a non-LoRA adapter, or several adapters in one file.
     """
-    settings = read_lora_settings(adapter)
+    settings = read_lora_settings(adapter.location, adapter.path)
     modules, skipped = _group(adapter, settings)
     names = {module: f"{module}.weight" for module in modules}
     base_of = match_names(set(base.entries), set(names.values())) if base is not None else {}
@@ -211,18 +108,12 @@ def _unsupported(name: str, module: str, parts: dict[str, str], settings: LoraSe
         return Skipped(name, "unsupported", f"{settings.variant} adapter: ΔW is not scale·B@A")
     if "lora_magnitude_vector" in parts:
         return Skipped(name, "unsupported", "DoRA (lora_magnitude_vector): ΔW is not scale·B@A")
-    if any(_targets_parameter(module, t) for t in settings.target_parameters):
+    if any(targets_parameter(module, t) for t in settings.target_parameters):
         return Skipped(name, "unsupported", "LoRA on a parameter (target_parameters, e.g. MoE experts)")
     linear, embedding = {"lora_A", "lora_B"} & parts.keys(), {"lora_embedding_A", "lora_embedding_B"} & parts.keys()
     if len(linear) + len(embedding) != 2 or (linear and embedding):
         return Skipped(name, "unsupported", f"incomplete LoRA factors ({', '.join(sorted(parts))})")
     return None
-
-
-def _targets_parameter(module: str, target: str) -> bool:
-    """peft's target_parameters match: `<module>.<param>` equals `target` or ends with `.target`."""
-    key = f"{module.replace('.base_layer', '')}.{target.rpartition('.')[2]}"
-    return key == target or key.endswith("." + target)
 
 
 def _pair(adapter: Checkpoint, base: Checkpoint | None, name: str, base_name: str | None, module: str,
