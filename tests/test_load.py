@@ -60,7 +60,7 @@ def test_index_is_read_without_tensor_data(tmp_path: Path) -> None:
     path = save_checkpoint({"w": torch.randn(64, 64)}, tmp_path)
     with open_checkpoint(str(path)) as ck:
         assert ck.entries["w"].nbytes == 64 * 64 * 4
-        assert not ck._handles  # no tensor file opened until read()
+        assert len(ck.handles) == 0  # no tensor file opened until read()
 
 
 def expect_error(path: Path, *fragments: str) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from spectra.errors import CheckpointError
-from spectra.io.checkpoint import Checkpoint, TensorEntry
+from spectra.io.checkpoint import Checkpoint
+from spectra.io.header import TensorEntry
 from spectra.names import is_vocabulary, natural_key
 from spectra.records import Delta, Options, Skipped
 
