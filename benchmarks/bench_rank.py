@@ -50,8 +50,17 @@ GENERATOR_VERSION = 1
 NOISE_SHARE = 0.05  # share of ‖ΔW‖_F² that is unstructured Gaussian noise
 REL_CHANGE = 1e-2  # typical ‖ΔW‖_F / ‖W_base‖_F
 BASE_STD = 0.02  # Llama initialiser scale
-ALPHA = {"q_proj": 1.0, "k_proj": 1.0, "v_proj": 0.7, "o_proj": 0.7, "gate_proj": 0.6, "up_proj": 0.6,
-         "down_proj": 0.6, "embed_tokens": 0.8, "lm_head": 0.8}
+ALPHA = {
+    "q_proj": 1.0,
+    "k_proj": 1.0,
+    "v_proj": 0.7,
+    "o_proj": 0.7,
+    "gate_proj": 0.6,
+    "up_proj": 0.6,
+    "down_proj": 0.6,
+    "embed_tokens": 0.8,
+    "lm_head": 0.8,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +115,14 @@ def generate_pair(cfg: LlamaShape, where: Path, seed: int) -> tuple[Path, Path]:
 
     Streaming: one tensor (both versions) is in memory at a time; shard headers are written first, from the shapes.
     """
-    manifest = {"generator": GENERATOR_VERSION, "shape": asdict(cfg), "seed": seed, "noise_share": NOISE_SHARE,
-                "rel_change": REL_CHANGE, "alpha": ALPHA}
+    manifest = {
+        "generator": GENERATOR_VERSION,
+        "shape": asdict(cfg),
+        "seed": seed,
+        "noise_share": NOISE_SHARE,
+        "rel_change": REL_CHANGE,
+        "alpha": ALPHA,
+    }
     base, tuned, done = where / "base", where / "tuned", where / "manifest.json"
     if done.is_file() and json.loads(done.read_text()) == manifest:
         return base, tuned
@@ -289,8 +304,10 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
 
     options = Options(device=device)
     dev = resolve_device(device)
-    split = dict.fromkeys(("read", "diff", "noise estimate", "energy", "gram", "eigensolve", "f64 redo", "metrics"),
-                          0.0)
+    split = dict.fromkeys(
+        ("read", "diff", "noise estimate", "energy", "gram", "eigensolve", "f64 redo", "metrics"), 0.0
+    )
+
     def clock(stage: str, start: float) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -334,8 +351,9 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
                 s, method = gram_values(x.double()).cpu().numpy(), "gram-f64"
                 t0 = clock("f64 redo", t0)
             d: Delta = delta
-            spectra_out.append(Spectrum(d.name, d.shape, s[0], float(energy[0]), d.base_norm, d.dtype,
-                                        d.noise_energy, method))
+            spectra_out.append(
+                Spectrum(d.name, d.shape, s[0], float(energy[0]), d.base_norm, d.dtype, d.noise_energy, method)
+            )
     t0 = time.perf_counter()
     kinds = module_kinds([sp.name for sp in spectra_out])
     for sp in spectra_out:
@@ -406,8 +424,18 @@ def run_contestant(name: str, base: Path, tuned: Path, args: argparse.Namespace,
     out = work / f"{name}.json"
     out.unlink(missing_ok=True)
     if name in ("fast", "exact"):
-        cmd = [*_spectra_command(), "rank", str(base), str(tuned), "--json", str(out), "--precision", name,
-               "--device", args.device]
+        cmd = [
+            *_spectra_command(),
+            "rank",
+            str(base),
+            str(tuned),
+            "--json",
+            str(out),
+            "--precision",
+            name,
+            "--device",
+            args.device,
+        ]
         if args.threads is not None:
             cmd += ["--threads", str(args.threads)]
     else:
@@ -468,15 +496,23 @@ def sigma_error(result: Result, reference: Result | None) -> float | None:
 
 def table(results: list[Result], reference: Result | None) -> list[str]:
     fast = next((r for r in results if r.name == "fast" and r.exit_code == 0), None)
-    label = {"fast": "spectra fast", "exact": "spectra exact", "naive": "naive torch svdvals f32",
-             "scipy": "scipy gesdd f64 (reference)"}
-    rows = ["| contestant | wall s | × spectra fast | peak RSS MiB | rank@90 agree | max \\|Δσ\\|/σ₁ |",
-            "|---|---:|---:|---:|---:|---:|"]
+    label = {
+        "fast": "spectra fast",
+        "exact": "spectra exact",
+        "naive": "naive torch svdvals f32",
+        "scipy": "scipy gesdd f64 (reference)",
+    }
+    rows = [
+        "| contestant | wall s | × spectra fast | peak RSS MiB | rank@90 agree | max \\|Δσ\\|/σ₁ |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         ratio = f"{r.wall_s / fast.wall_s:.2f}" if fast is not None else "-"
         err = sigma_error(r, reference)
-        rows.append(f"| {label[r.name]} | {r.wall_s:.1f} | {ratio} | {r.peak_rss_mib:.0f} | "
-                    f"{agreement(r, reference)} | {'-' if err is None else f'{err:.1e}'} |")
+        rows.append(
+            f"| {label[r.name]} | {r.wall_s:.1f} | {ratio} | {r.peak_rss_mib:.0f} | "
+            f"{agreement(r, reference)} | {'-' if err is None else f'{err:.1e}'} |"
+        )
     return rows
 
 
@@ -495,13 +531,31 @@ def machine() -> dict[str, Any]:
     """Where the benchmark ran (read in a child: the parent imports no torch, see run_contestant)."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": round(mem / 2**20, 1), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gb": round(mem / 2**20, 1),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,13 +574,17 @@ def main(argv: list[str] | None = None) -> int:
     info["warm_read_s"] = round(warm_cache(base, tuned), 2)
     # whoever runs first would otherwise also pay for loading torch's libraries from disk and for the system
     # settling after generation (0.5 s measured): one untimed start-up of every library first
-    subprocess.run([sys.executable, "-c", "import torch, numpy, scipy.linalg, safetensors, spectra_cli.app"],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import torch, numpy, scipy.linalg, safetensors, spectra_cli.app"], check=True
+    )
     info["load_avg_before"] = [round(x, 2) for x in os.getloadavg()]
     n_params = sum(math.prod(s) for _, s in tensor_shapes(cfg))
     largest = max(math.prod(s) for _, s in tensor_shapes(cfg) if len(s) == 2)
-    print(f"{n_params / 1e6:.0f}M parameters per checkpoint; page cache warmed in {info['warm_read_s']} s; "
-          f"load average {info['load_avg_before'][0]:.2f}", file=sys.stderr)
+    print(
+        f"{n_params / 1e6:.0f}M parameters per checkpoint; page cache warmed in {info['warm_read_s']} s; "
+        f"load average {info['load_avg_before'][0]:.2f}",
+        file=sys.stderr,
+    )
     results = []
     for name in args.only:
         print(f"  running {name} ...", file=sys.stderr, flush=True)
@@ -537,12 +595,14 @@ def main(argv: list[str] | None = None) -> int:
     if reference is None:
         reference = next((r for r in results if r.name == "exact" and r.ranks), None)
     rss_target = (2 * largest * 4 + 0.5 * 2**30) / 2**20
-    lines = [f"size {args.size} ({n_params / 1e6:.0f}M params, bf16, {len(reference.ranks) if reference else '?'} "
-             f"matrices), threads {args.threads or 'default'}, device {args.device}, reference "
-             f"{reference.name if reference else 'none'}; {info['nproc']} × {info['cpu']}, torch {info['torch']}, "
-             f"load average {info['load_avg_before'][0]:.2f} before, {info['load_avg_after'][0]:.2f} after",
-             *table(results, reference),
-             f"RSS target for fast: ≤ {rss_target:.0f} MiB (two largest tensors in float32 + 0.5 GB)"]
+    lines = [
+        f"size {args.size} ({n_params / 1e6:.0f}M params, bf16, {len(reference.ranks) if reference else '?'} "
+        f"matrices), threads {args.threads or 'default'}, device {args.device}, reference "
+        f"{reference.name if reference else 'none'}; {info['nproc']} × {info['cpu']}, torch {info['torch']}, "
+        f"load average {info['load_avg_before'][0]:.2f} before, {info['load_avg_after'][0]:.2f} after",
+        *table(results, reference),
+        f"RSS target for fast: ≤ {rss_target:.0f} MiB (two largest tensors in float32 + 0.5 GB)",
+    ]
     methods = next((r.methods for r in results if r.name == "fast"), {})
     if methods:
         counts: dict[str, int] = {}
@@ -552,20 +612,44 @@ def main(argv: list[str] | None = None) -> int:
     lines += disagreements(results, reference)
     print("\n".join(lines), flush=True)
     profile = run_profile(args, work) if args.profile else None
-    record = {"machine": info, "size": args.size, "threads": args.threads, "device": args.device,
-              "results": [{**asdict(r), "ranks": None, "methods": None, "sigma": None,
-                           "sigma_error": sigma_error(r, reference)} for r in results],
-              "agreement": {r.name: agreement(r, reference) for r in results}, "profile": profile,
-              "rss_target_mib": rss_target, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    record = {
+        "machine": info,
+        "size": args.size,
+        "threads": args.threads,
+        "device": args.device,
+        "results": [
+            {**asdict(r), "ranks": None, "methods": None, "sigma": None, "sigma_error": sigma_error(r, reference)}
+            for r in results
+        ],
+        "agreement": {r.name: agreement(r, reference) for r in results},
+        "profile": profile,
+        "rss_target_mib": rss_target,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
     (work / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=1))
     return 0 if all(r.exit_code == 0 for r in results) else 1
 
 
 def _child_command(name: str, args: argparse.Namespace) -> list[str]:
     where = Path(args.out) / args.size
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", args.out, "--size", args.size,
-           "--seed", str(args.seed), "--base", str(where / "base"), "--tuned", str(where / "tuned"),
-           "--device", args.device]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        "--out",
+        args.out,
+        "--size",
+        args.size,
+        "--seed",
+        str(args.seed),
+        "--base",
+        str(where / "base"),
+        "--tuned",
+        str(where / "tuned"),
+        "--device",
+        args.device,
+    ]
     return cmd + (["--threads", str(args.threads)] if args.threads is not None else [])
 
 
@@ -575,8 +659,11 @@ def run_profile(args: argparse.Namespace, work: Path) -> dict[str, float]:
     subprocess.run([*_child_command("profile", args), "--ranks-out", str(out)], check=True)
     split: dict[str, float] = json.loads(out.read_text())
     total = split["total"]
-    print("per-stage split of fast (serial, no overlap): " + ", ".join(
-        f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in split.items() if k != "total") + f"; total {total:.2f} s")
+    print(
+        "per-stage split of fast (serial, no overlap): "
+        + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in split.items() if k != "total")
+        + f"; total {total:.2f} s"
+    )
     return split
 
 
@@ -584,8 +671,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="250m", help="model shape (default 250m)")
     p.add_argument("--out", default="bench-data", help="folder for the generated checkpoints (default ./bench-data)")
-    p.add_argument("--only", type=_contestants, default=list(CONTESTANTS),
-                   help=f"comma-separated contestants among {','.join(CONTESTANTS)} (default: all)")
+    p.add_argument(
+        "--only",
+        type=_contestants,
+        default=list(CONTESTANTS),
+        help=f"comma-separated contestants among {','.join(CONTESTANTS)} (default: all)",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every contestant (default: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for spectra and naive")
     p.add_argument("--seed", type=int, default=0)

@@ -1,3 +1,3 @@
-from spectra_cli.app import main
+from .app import main
 
 main()

@@ -20,10 +20,13 @@ import spectra
 from spectra import Analysis, OptionsError, SpectraError, analyze, load_analysis, save_analysis
 from spectra.pipeline import ProgressHook, identity
 from spectra.records import DEFAULT_LORA_RANKS, Options
-from spectra_cli import display
+
+from . import display
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="Spectral analysis of fine-tunes: how much rank did ΔW = W_tuned − W_base really learn?",
 )
 out, err = Console(), Console(stderr=True, soft_wrap=True)  # messages never wrap mid-path
@@ -32,8 +35,13 @@ if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 colu
 
 CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
 Checkpoint = Annotated[str, typer.Argument(help=CHECKPOINT_HELP)]
-Tuned = Annotated[str | None, typer.Argument(help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
-                                                  "with one argument, that argument is an adapter analysed alone")]
+Tuned = Annotated[
+    str | None,
+    typer.Argument(
+        help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
+        "with one argument, that argument is an adapter analysed alone"
+    ),
+]
 DEFAULT_RANKS_TEXT = ",".join(map(str, DEFAULT_LORA_RANKS))
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
 
@@ -112,9 +120,17 @@ def rank(
     """
     setup_logging(verbose)
     with user_errors():
-        options = Options(threshold=threshold, lora_ranks=parse_ranks(lora_ranks), device=device,
-                          precision=precision, include=include, exclude=exclude, batch_bytes=batch_bytes,
-                          threads=threads, download=download)
+        options = Options(
+            threshold=threshold,
+            lora_ranks=parse_ranks(lora_ranks),
+            device=device,
+            precision=precision,
+            include=include,
+            exclude=exclude,
+            batch_bytes=batch_bytes,
+            threads=threads,
+            download=download,
+        )
         base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
         analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
         if json_path is not None:
@@ -166,8 +182,15 @@ def recommend(
         if max_rank < 1 or (budget is not None and budget < 1):
             raise OptionsError("--max-rank and --budget must be positive")
         analysis = load_analysis(analysis_json)
-        rec = make_recommendation(analysis.layers, target=target, max_rank=max_rank, budget=budget, rslora=rslora,
-                                  include_embeddings=include_embeddings, base_model=base_model)
+        rec = make_recommendation(
+            analysis.layers,
+            target=target,
+            max_rank=max_rank,
+            budget=budget,
+            rslora=rslora,
+            include_embeddings=include_embeddings,
+            base_model=base_model,
+        )
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
         if output is not None:
@@ -191,8 +214,14 @@ def demo(
     with user_errors():
         if threads < 1 or steps < 1:
             raise OptionsError("--threads and --steps must be at least 1")
-        result = run_demo(out_dir, fresh=fresh, threads=threads, steps=steps,
-                          echo=lambda line: err.print(escape(line)), progress=progress("working"))
+        result = run_demo(
+            out_dir,
+            fresh=fresh,
+            threads=threads,
+            steps=steps,
+            echo=lambda line: err.print(escape(line)),
+            progress=progress("working"),
+        )
     out.print(display.demo_summary(result))
 
 

@@ -46,8 +46,13 @@ def layer_table(analysis: Analysis) -> Table:
     for m in analysis.layers:
         name = Text(names[m.name]) + (Text(" noisy", style="yellow") if m.noisy else Text(""))
         table.add_row(
-            name, f"{m.shape[0]}×{m.shape[1]}", str(m.rank), str(m.random_rank),
-            f"{m.stable_rank:.1f}", f"{m.effective_rank:.1f}", _ratio(m.relative_change),
+            name,
+            f"{m.shape[0]}×{m.shape[1]}",
+            str(m.rank),
+            str(m.random_rank),
+            f"{m.stable_rank:.1f}",
+            f"{m.effective_rank:.1f}",
+            _ratio(m.relative_change),
             _captured(m.captured, opts.lora_ranks),
         )
     return table
@@ -65,8 +70,14 @@ def summary_table(title: str, groups: Sequence[GroupSummary], lora_ranks: Sequen
     table.add_column(f"E(r) % at r={'/'.join(map(str, lora_ranks))}", justify="right")
     for g in groups:
         noisy = Text(f" ({g.n_noisy} noisy)", style="yellow") if g.n_noisy else Text("")
-        table.add_row(Text(g.key) + noisy, str(g.n), f"{g.median_rank:g}", str(g.max_rank),
-                      f"{g.median_rank_ratio:.2f}", _captured(g.captured, lora_ranks))
+        table.add_row(
+            Text(g.key) + noisy,
+            str(g.n),
+            f"{g.median_rank:g}",
+            str(g.max_rank),
+            f"{g.median_rank_ratio:.2f}",
+            _captured(g.captured, lora_ranks),
+        )
     return table
 
 
@@ -85,7 +96,6 @@ def rank_report(analysis: Analysis) -> RenderableType:
     return Group(*parts)
 
 
-
 def recommendation_view(rec: Recommendation) -> RenderableType:
     """The trade-off table, the chosen configuration, the reasoning, and advice kept apart from derived numbers."""
     table = Table(title="uniform LoRA rank: trade-off over the targeted matrices", title_justify="left")
@@ -93,23 +103,33 @@ def recommendation_view(rec: Recommendation) -> RenderableType:
         table.add_column(col, justify="right")
     for row in rec.tradeoff:
         style = "bold green" if row.r == rec.uniform_rank else None
-        table.add_row(str(row.r), _pct(row.captured), f"{row.params:,}", f"{100 * row.params_fraction:.2f}%",
-                      style=style)
+        table.add_row(
+            str(row.r), _pct(row.captured), f"{row.params:,}", f"{100 * row.params_fraction:.2f}%", style=style
+        )
     config = rec.config
     rslora = ", use_rslora" if config.get("use_rslora") else ""
     gain = rec.allocation_captured - rec.uniform_captured
     lines = [
         Text.assemble(("Recommendation (derived from the spectra): ", "bold"), rec.reason),
-        Text(f"  uniform LoRA: r = {rec.uniform_rank}, lora_alpha = {2 * rec.uniform_rank} "
-             f"captures {_pct(rec.uniform_captured)}; target_modules = {', '.join(rec.target_modules)}"),
-        Text(f"  per-module ranks at the same budget ({rec.budget:,} parameters) capture "
-             f"{_pct(rec.allocation_captured)} ({100 * gain:+.1f} points): config r = {config.get('r')}, "
-             f"lora_alpha = {config.get('lora_alpha')}{rslora}, {len(config.get('rank_pattern') or {})} "
-             f"rank_pattern keys"),
+        Text(
+            f"  uniform LoRA: r = {rec.uniform_rank}, lora_alpha = {2 * rec.uniform_rank} "
+            f"captures {_pct(rec.uniform_captured)}; target_modules = {', '.join(rec.target_modules)}"
+        ),
+        Text(
+            f"  per-module ranks at the same budget ({rec.budget:,} parameters) capture "
+            f"{_pct(rec.allocation_captured)} ({100 * gain:+.1f} points): config r = {config.get('r')}, "
+            f"lora_alpha = {config.get('lora_alpha')}{rslora}, {len(config.get('rank_pattern') or {})} "
+            f"rank_pattern keys"
+        ),
     ]
     if rec.cap_binds:
-        lines.append(Text(f"  the cap max_rank={rec.max_rank} binds: a LoRA of that rank cannot capture "
-                          f"{_pct(rec.target)} of ΔW's energy.", style="yellow"))
+        lines.append(
+            Text(
+                f"  the cap max_rank={rec.max_rank} binds: a LoRA of that rank cannot capture "
+                f"{_pct(rec.target)} of ΔW's energy.",
+                style="yellow",
+            )
+        )
     lines.append(Text(rec.caveat, style="italic"))
     if rec.advice:
         lines.append(Text("Advice not derived from the spectrum (common practice):", style="bold"))
@@ -122,12 +142,17 @@ def headline(analysis: Analysis) -> Text:
     o, opts = analysis.summary.overall, analysis.options
     noisy = f"; {o.n_noisy} near the rounding-noise floor" if o.n_noisy else ""
     text = Text()
-    text.append(f"{o.n} matrices: median rank@{opts.threshold:g} {o.median_rank:g}, max {o.max_rank} "
-                f"({o.median_rank_ratio:.2f}× a random matrix of the same shape){noisy}.\n", style="bold")
+    text.append(
+        f"{o.n} matrices: median rank@{opts.threshold:g} {o.median_rank:g}, max {o.max_rank} "
+        f"({o.median_rank_ratio:.2f}× a random matrix of the same shape){noisy}.\n",
+        style="bold",
+    )
     captured = ", ".join(f"r={r}: {_pct(o.captured[r])}" for r in opts.lora_ranks)
     text.append(f"Energy a LoRA could capture at most (all matrices): {captured}.\n")
-    text.append(f"Skipped {len(analysis.skipped)} tensors ({skip_counts(analysis)}); "
-                f"{analysis.elapsed_s:.1f} s on {analysis.device}, precision {opts.precision}.")
+    text.append(
+        f"Skipped {len(analysis.skipped)} tensors ({skip_counts(analysis)}); "
+        f"{analysis.elapsed_s:.1f} s on {analysis.device}, precision {opts.precision}."
+    )
     for note in analysis.notes:
         text.append(f"\nnote: {note}", style="yellow")
     return text
@@ -142,14 +167,40 @@ def skip_counts(analysis: Analysis) -> str:
 
 def layer_tsv(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> str:
     """Tab-separated per-matrix rows with a header; full checkpoint keys."""
-    head = ["name", "rows", "cols", "rank", "random_rank", "stable_rank", "effective_rank", "spectral_norm",
-            "frobenius_norm", "relative_change", "noise_fraction", "noisy", "gd_rank",
-            *(f"captured_{r}" for r in lora_ranks)]
+    head = [
+        "name",
+        "rows",
+        "cols",
+        "rank",
+        "random_rank",
+        "stable_rank",
+        "effective_rank",
+        "spectral_norm",
+        "frobenius_norm",
+        "relative_change",
+        "noise_fraction",
+        "noisy",
+        "gd_rank",
+        *(f"captured_{r}" for r in lora_ranks),
+    ]
     rows = ["\t".join(head)]
     for m in layers:
-        values = [m.name, m.shape[0], m.shape[1], m.rank, m.random_rank, m.stable_rank, m.effective_rank,
-                  m.spectral_norm, m.frobenius_norm, "" if m.relative_change is None else m.relative_change,
-                  m.noise_fraction, int(m.noisy), m.gd_rank, *(m.captured[r] for r in lora_ranks)]
+        values = [
+            m.name,
+            m.shape[0],
+            m.shape[1],
+            m.rank,
+            m.random_rank,
+            m.stable_rank,
+            m.effective_rank,
+            m.spectral_norm,
+            m.frobenius_norm,
+            "" if m.relative_change is None else m.relative_change,
+            m.noise_fraction,
+            int(m.noisy),
+            m.gd_rank,
+            *(m.captured[r] for r in lora_ranks),
+        ]
         rows.append("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values))
     return "\n".join(rows)
 
@@ -166,8 +217,9 @@ def demo_summary(result: DemoResult) -> RenderableType:
         table.add_row(kind, f"{rank:g}", "-" if lora is None else f"{lora:g}")
     r = result.retrieval
     text = Text()
-    text.append(f"held-out top-1 retrieval: base {r['base']:.3f}, full fine-tune {r['full']:.3f}, "
-                f"LoRA {r['lora']:.3f}\n")
+    text.append(
+        f"held-out top-1 retrieval: base {r['base']:.3f}, full fine-tune {r['full']:.3f}, LoRA {r['lora']:.3f}\n"
+    )
     text.append(f"largest rank of a merged-LoRA ΔW: {result.lora_max_rank} (≤ r = {result.lora_r})\n")
     text.append(f"report: {result.report}", style="bold")
     return Group(table, text)

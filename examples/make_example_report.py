@@ -26,9 +26,13 @@ def main() -> None:
         analysis = analyze(str(base), str(tuned))
     # the report would name a deleted temp folder: record the paths a user of make_pair.py would type instead
     assert analysis.base_info is not None
-    analysis = replace(analysis, base="pair/base.safetensors", tuned="pair/tuned.safetensors",
-                       base_info=replace(analysis.base_info, path="pair/base.safetensors"),
-                       tuned_info=replace(analysis.tuned_info, path="pair/tuned.safetensors"))
+    analysis = replace(
+        analysis,
+        base="pair/base.safetensors",
+        tuned="pair/tuned.safetensors",
+        base_info=replace(analysis.base_info, path="pair/base.safetensors"),
+        tuned_info=replace(analysis.tuned_info, path="pair/tuned.safetensors"),
+    )
     print(save_analysis(analysis, REPORTS / "example.json"))
     print(write_report(analysis, REPORTS / "example.html"))
 

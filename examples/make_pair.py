@@ -44,9 +44,15 @@ def planted_delta(shape: tuple[int, int], s: np.ndarray, rng: np.random.Generato
 def make_pair(out: Path, layers: int, hidden: int, dtype: str, seed: int = 0) -> tuple[Path, Path]:
     rng = np.random.default_rng(seed)
     inter = hidden * 11 // 4
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
-              "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (hidden // 2, hidden),
+        "self_attn.v_proj": (hidden // 2, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
     base: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(512, hidden) * 0.02}
     tuned: dict[str, torch.Tensor] = {"model.embed_tokens.weight": base["model.embed_tokens.weight"].clone()}
     for layer in range(layers):

@@ -1,8 +1,8 @@
 """spectra: how much rank did a fine-tune learn? Singular spectra of ΔW = W_tuned − W_base, and LoRA advice.
 
-    >>> from spectra import analyze, Options
-    >>> analysis = analyze("base.safetensors", "tuned.safetensors", Options(threshold=0.9))
-    >>> analysis.layers[0].rank
+>>> from spectra import analyze, Options
+>>> analysis = analyze("base.safetensors", "tuned.safetensors", Options(threshold=0.9))
+>>> analysis.layers[0].rank
 """
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError

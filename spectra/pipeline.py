@@ -62,14 +62,18 @@ def analyze(
         base_ck = None if base is None else stack.enter_context(open_checkpoint(base, download=options.download))
         tuned_ck = stack.enter_context(open_checkpoint(tuned, download=options.download))
         if base_ck is not None and base_ck.format == "peft-adapter":
-            raise CheckpointError(f"{base}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
-                                  "TUNED (or the adapter alone)")
+            raise CheckpointError(
+                f"{base}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
+                "TUNED (or the adapter alone)"
+            )
         if tuned_ck.format == "peft-adapter":
             spectra, skipped, n_pairs = _adapter_spectra(base_ck, tuned_ck, options, device, progress)
             notes = adapter_notes(base_ck)
         elif base_ck is None:
-            raise CheckpointError(f"{tuned}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
-                                  "needed to form ΔW = tuned − base; pass BASE")
+            raise CheckpointError(
+                f"{tuned}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
+                "needed to form ΔW = tuned − base; pass BASE"
+            )
         else:
             spectra, skipped, n_pairs, notes = _dense_spectra(base_ck, tuned_ck, options, device, progress)
         base_info, tuned_info = (base_ck.info if base_ck is not None else None), tuned_ck.info
@@ -77,12 +81,20 @@ def analyze(
         raise MismatchError(_nothing_changed(base, tuned, n_pairs, tuned_info.format == "peft-adapter"))
     layers = build_layers(spectra, options)
     return Analysis(
-        base=base, tuned=tuned, options=options, layers=layers,
+        base=base,
+        tuned=tuned,
+        options=options,
+        layers=layers,
         skipped=tuple(sorted(skipped, key=lambda s: natural_key(s.name))),
-        summary=summarize(layers, options.lora_ranks), recommendation=recommend(layers),
-        base_info=base_info, tuned_info=tuned_info, device=str(device),
-        elapsed_s=time.perf_counter() - started, version=version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes,
+        summary=summarize(layers, options.lora_ranks),
+        recommendation=recommend(layers),
+        base_info=base_info,
+        tuned_info=tuned_info,
+        device=str(device),
+        elapsed_s=time.perf_counter() - started,
+        version=version(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        notes=notes,
     )
 
 
@@ -93,8 +105,9 @@ def _dense_spectra(
     pairs, skipped = pair_tensors(base, tuned, options)
     if not pairs:
         raise MismatchError(_no_pairs_message(base, tuned, skipped))
-    spectra = _spectra_in_shape_order(pairs, lambda p: make_delta(base, tuned, p, options), skipped, options,
-                                      device, progress)
+    spectra = _spectra_in_shape_order(
+        pairs, lambda p: make_delta(base, tuned, p, options), skipped, options, device, progress
+    )
     return spectra, skipped, len(pairs), tuple(p.note for p in pairs if p.note is not None)
 
 
@@ -106,15 +119,18 @@ def _adapter_spectra(
     if not pairs:
         reasons = ", ".join(sorted({f"{s.reason}: {s.detail}" if s.detail else s.reason for s in skipped})[:3])
         raise MismatchError(f"{adapter.path}: no LoRA factors to analyse (skipped: {reasons or 'nothing found'})")
-    spectra = _spectra_in_shape_order(pairs, lambda p: make_factored_delta(adapter, base, p), skipped, options,
-                                      device, progress)
+    spectra = _spectra_in_shape_order(
+        pairs, lambda p: make_factored_delta(adapter, base, p), skipped, options, device, progress
+    )
     return spectra, skipped, len(pairs)
 
 
 def _nothing_changed(base: str | None, tuned: str, n_pairs: int, adapter: bool) -> str:
     if adapter:
-        return (f"{tuned}: all {n_pairs} adapted modules have ΔW = 0 (lora_B is zero, as PEFT initialises it); "
-                "was the adapter trained?")
+        return (
+            f"{tuned}: all {n_pairs} adapted modules have ΔW = 0 (lora_B is zero, as PEFT initialises it); "
+            "was the adapter trained?"
+        )
     return f"{tuned}: all {n_pairs} matched 2-D tensors equal those of {base}; nothing changed"
 
 
@@ -153,8 +169,12 @@ J = TypeVar("J", bound=_Job)
 
 
 def _spectra_in_shape_order(
-    jobs: list[J], make: Callable[[J], Delta | Skipped], skipped: list[Skipped],
-    options: Options, device: Any, progress: ProgressHook,
+    jobs: list[J],
+    make: Callable[[J], Delta | Skipped],
+    skipped: list[Skipped],
+    options: Options,
+    device: Any,
+    progress: ProgressHook,
 ) -> list[Spectrum]:
     """Make deltas grouped by shape (so same-shape matrices batch together); unchanged ones go to `skipped`."""
     ordered = sorted(jobs, key=lambda p: (p.shape, natural_key(p.name)))
@@ -177,7 +197,11 @@ def _no_pairs_message(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped
     if not set(base.entries) & set(tuned.entries) and "shape-mismatch" not in reasons:
         example_b = next(iter(sorted(base.entries)), "-")
         example_t = next(iter(sorted(tuned.entries)), "-")
-        return (f"{tuned.path}: no tensor names in common with {base.path} (e.g. base {example_b!r}, tuned "
-                f"{example_t!r}); same architecture?")
-    return (f"{tuned.path}: no 2-D floating-point tensors to compare with {base.path} "
-            f"(skipped: {', '.join(reasons) or 'none'}); check --include/--exclude and that both are the same model")
+        return (
+            f"{tuned.path}: no tensor names in common with {base.path} (e.g. base {example_b!r}, tuned "
+            f"{example_t!r}); same architecture?"
+        )
+    return (
+        f"{tuned.path}: no 2-D floating-point tensors to compare with {base.path} "
+        f"(skipped: {', '.join(reasons) or 'none'}); check --include/--exclude and that both are the same model"
+    )

@@ -76,8 +76,13 @@ PairFactory = Callable[..., tuple[Path, Path, dict[str, np.ndarray]]]
 def planted_pair(tmp_path: Path) -> PairFactory:
     """Factory: base/tuned checkpoints whose ΔW per matrix has a planted spectrum; returns paths and the spectra."""
 
-    def make(layout: str = "file", dtype: torch.dtype = torch.float32, shape: tuple[int, int] = (48, 40),
-             scale: float = 0.1, seed: int = 0) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    def make(
+        layout: str = "file",
+        dtype: torch.dtype = torch.float32,
+        shape: tuple[int, int] = (48, 40),
+        scale: float = 0.1,
+        seed: int = 0,
+    ) -> tuple[Path, Path, dict[str, np.ndarray]]:
         rng = np.random.default_rng(seed)
         spectra = planted_spectra(min(shape))
         base: dict[str, torch.Tensor] = {}
@@ -90,22 +95,46 @@ def planted_pair(tmp_path: Path) -> PairFactory:
             base[f"model.layers.{layer}.norm.weight"] = torch.ones(shape[0], dtype=dtype)
             tuned[f"model.layers.{layer}.norm.weight"] = torch.ones(shape[0], dtype=dtype) * 1.5
         sub = f"{layout}-{str(dtype).removeprefix('torch.')}-{seed}"
-        return (save_checkpoint(base, tmp_path / sub / "base", layout),
-                save_checkpoint(tuned, tmp_path / sub / "tuned", layout),
-                {f"model.layers.{i}.mlp.{k}.weight": s for i, (k, s) in enumerate(spectra.items())})
+        return (
+            save_checkpoint(base, tmp_path / sub / "base", layout),
+            save_checkpoint(tuned, tmp_path / sub / "tuned", layout),
+            {f"model.layers.{i}.mlp.{k}.weight": s for i, (k, s) in enumerate(spectra.items())},
+        )
 
     return make
 
 
-def spectrum_layer(name: str, shape: tuple[int, int], values: Sequence[float] | np.ndarray, *, kind: str | None = None,
-                   layer: int | None = None, noisy: bool = False) -> LayerMetrics:
+def spectrum_layer(
+    name: str,
+    shape: tuple[int, int],
+    values: Sequence[float] | np.ndarray,
+    *,
+    kind: str | None = None,
+    layer: int | None = None,
+    noisy: bool = False,
+) -> LayerMetrics:
     """LayerMetrics carrying a planted spectrum (sorted here); only σ, ‖ΔW‖, shape, kind and noisy are meaningful,
     for code that reads just those (recommend)."""
     s = np.sort(np.asarray(values, dtype=np.float64))[::-1]
     energy = float(np.sum(s**2))
     return LayerMetrics(
-        name=name, shape=shape, kind=kind or name.removesuffix(".weight").split(".")[-1], layer=layer, rank=0,
-        stable_rank=0.0, effective_rank=0.0, spectral_norm=float(s[0]) if s.size else 0.0,
-        frobenius_norm=math.sqrt(energy), relative_change=None, captured={}, lora_params={}, random_rank=0,
-        noise_fraction=0.0, noisy=noisy, gd_rank=0, dtype="f32", method="svd-f64", s=s,
+        name=name,
+        shape=shape,
+        kind=kind or name.removesuffix(".weight").split(".")[-1],
+        layer=layer,
+        rank=0,
+        stable_rank=0.0,
+        effective_rank=0.0,
+        spectral_norm=float(s[0]) if s.size else 0.0,
+        frobenius_norm=math.sqrt(energy),
+        relative_change=None,
+        captured={},
+        lora_params={},
+        random_rank=0,
+        noise_fraction=0.0,
+        noisy=noisy,
+        gd_rank=0,
+        dtype="f32",
+        method="svd-f64",
+        s=s,
     )

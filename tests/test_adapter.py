@@ -28,18 +28,34 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 100}
+LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 100,
+}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {"r": 4, "lora_alpha": 8,
-              "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]},
-    "pattern": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"],
-                "rank_pattern": {"layers.1.self_attn.q_proj": 2, "down_proj": 6},
-                "alpha_pattern": {"v_proj": 3, r"layers\.0\.mlp\.gate_proj": 40}},
+    "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"]},
+    "pattern": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"],
+        "rank_pattern": {"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+        "alpha_pattern": {"v_proj": 3, r"layers\.0\.mlp\.gate_proj": 40},
+    },
     "rslora": {"r": 8, "lora_alpha": 5, "target_modules": ["q_proj", "o_proj", "gate_proj"], "use_rslora": True},
 }
-RANKS = {"plain": {}, "pattern": {"model.layers.1.self_attn.q_proj.weight": 2, "model.layers.0.mlp.down_proj.weight": 6,
-                                  "model.layers.1.mlp.down_proj.weight": 6}, "rslora": {}}
+RANKS = {
+    "plain": {},
+    "pattern": {
+        "model.layers.1.self_attn.q_proj.weight": 2,
+        "model.layers.0.mlp.down_proj.weight": 6,
+        "model.layers.1.mlp.down_proj.weight": 6,
+    },
+    "rslora": {},
+}
 
 
 class Written:
@@ -57,8 +73,9 @@ def randomise_lora(model: Any, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if "_B" in name else 1.0 / p.shape[-1] ** 0.5))
 
 
-def write_adapter(base_model: Any, base_sd: dict[str, torch.Tensor], folder: Path, config: Any,
-                  seed: int = 1) -> Written:
+def write_adapter(
+    base_model: Any, base_sd: dict[str, torch.Tensor], folder: Path, config: Any, seed: int = 1
+) -> Written:
     model = peft.get_peft_model(copy.deepcopy(base_model), config)
     randomise_lora(model, seed)
     model.save_pretrained(str(folder))
@@ -78,15 +95,17 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, dict[str
 
 
 @pytest.fixture(scope="module")
-def adapters(llama: tuple[Any, Path, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory
-             ) -> dict[str, Written]:
+def adapters(
+    llama: tuple[Any, Path, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Written]:
     model, _, sd = llama
     root = tmp_path_factory.mktemp("adapters")
     return {name: write_adapter(model, sd, root / name, peft.LoraConfig(**kw)) for name, kw in VARIANTS.items()}
 
 
-def assert_matches_merge(analysis: Analysis, written: Written, ranks: dict[str, int],
-                         base_sd: dict[str, torch.Tensor] | None) -> None:
+def assert_matches_merge(
+    analysis: Analysis, written: Written, ranks: dict[str, int], base_sd: dict[str, torch.Tensor] | None
+) -> None:
     layers = {lm.name: lm for lm in analysis.layers}
     assert set(layers) == set(written.merged_delta)  # named by the base model's keys
     for name, delta in written.merged_delta.items():
@@ -131,8 +150,9 @@ def test_adapter_alone(adapters: dict[str, Written], variant: str, tmp_path: Pat
     assert again.base is None and again.notes == analysis.notes
 
 
-def test_adapter_never_forms_dense_delta(llama: Any, adapters: dict[str, Written],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adapter_never_forms_dense_delta(
+    llama: Any, adapters: dict[str, Written], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import spectra.pipeline
     from spectra.plan.adapter import make_factored_delta as real
 
@@ -178,8 +198,9 @@ def test_adapter_name_infix_and_file_path(llama: Any, adapters: dict[str, Writte
 def test_gpt2_conv1d_fan_in_fan_out(tmp_path: Path) -> None:
     """GPT-2's Conv1D stores W as (in, out) and PEFT merges (B@A)ᵀ; spectra reports the base weight's shape."""
     torch.manual_seed(3)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
-                                                                 n_positions=16))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    )
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file({k: v for k, v in sd.items() if "attn.bias" not in k}, str(tmp_path / "base.safetensors"))
     config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
@@ -195,10 +216,22 @@ def test_rank_and_alpha_patterns_follow_peft(tmp_path: Path) -> None:
     from peft.utils.other import get_pattern_key
 
     patterns = {"layers.1.self_attn.q_proj": 2, "down_proj": 6, r"layers\.[02]\..*proj": 5, "q_proj": 7}
-    settings = LoraSettings(r=4, lora_alpha=8.0, use_rslora=False, fan_in_fan_out=False, rank_pattern=patterns,
-                            alpha_pattern={"v_proj": 3.0}, variant=None, modules_to_save=(), target_parameters=())
-    modules = [f"model.layers.{i}.{m}" for i in range(4) for m in
-               ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "mlp.up_proj")]
+    settings = LoraSettings(
+        r=4,
+        lora_alpha=8.0,
+        use_rslora=False,
+        fan_in_fan_out=False,
+        rank_pattern=patterns,
+        alpha_pattern={"v_proj": 3.0},
+        variant=None,
+        modules_to_save=(),
+        target_parameters=(),
+    )
+    modules = [
+        f"model.layers.{i}.{m}"
+        for i in range(4)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "mlp.up_proj")
+    ]
     modules += ["model.layers.11.self_attn.q_proj", "model.xlayers.1.self_attn.q_proj", "lm_head"]
     for module in modules:
         r = patterns.get(get_pattern_key(list(patterns), module), 4)
@@ -221,8 +254,13 @@ def test_magnitude_vectors_and_extras_are_skipped_never_misread(llama: Any, tmp_
     """A DoRA magnitude vector on one module, modules_to_save, LoRA biases and trainable tokens: each is skipped
     with its reason; the plain LoRA modules are still analysed exactly."""
     model, base, sd = llama
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
-                             trainable_token_indices=[1, 2])
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+        trainable_token_indices=[1, 2],
+    )
     written = write_adapter(model, sd, tmp_path / "extras", config)
     file = written.folder / "adapter_model.safetensors"
     tensors = load_file(str(file))
@@ -244,12 +282,14 @@ def test_magnitude_vectors_and_extras_are_skipped_never_misread(llama: Any, tmp_
         np.testing.assert_allclose(lm.s, np.linalg.svd(expected[name], compute_uv=False)[:4], rtol=1e-5)
 
 
-@pytest.mark.parametrize(("make_config", "kind"), [
-    (lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), "IA3"),
-    (lambda: peft.LoKrConfig(r=4, target_modules=["q_proj"]), "LOKR"),
-])
-def test_non_lora_adapters_are_refused(llama: Any, tmp_path: Path, make_config: Callable[[], Any],
-                                       kind: str) -> None:
+@pytest.mark.parametrize(
+    ("make_config", "kind"),
+    [
+        (lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]), "IA3"),
+        (lambda: peft.LoKrConfig(r=4, target_modules=["q_proj"]), "LOKR"),
+    ],
+)
+def test_non_lora_adapters_are_refused(llama: Any, tmp_path: Path, make_config: Callable[[], Any], kind: str) -> None:
     model, base, _ = llama
     peft.get_peft_model(copy.deepcopy(model), make_config()).save_pretrained(str(tmp_path / "a"))
     with pytest.raises(CheckpointError, match=f"type {kind} is not supported"):
@@ -290,7 +330,8 @@ def test_include_filter_applies_to_base_keys(llama: Any, adapters: dict[str, Wri
 def test_untrained_adapter(llama: Any, tmp_path: Path) -> None:
     model, base, _ = llama
     peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-        str(tmp_path / "fresh"))  # lora_B = 0
+        str(tmp_path / "fresh")
+    )  # lora_B = 0
     with pytest.raises(MismatchError, match="was the adapter trained"):
         analyze(str(base), str(tmp_path / "fresh"))
 

@@ -11,11 +11,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # each unit (a top-level module or a subpackage of spectra) may import only the units listed before it, and itself
-ORDER = ["errors", "records", "names", "io", "peft", "plan", "engine", "analysis", "lora", "pipeline", "compare",
-         "trajectory", "report"]
+ORDER = [
+    "errors",
+    "records",
+    "names",
+    "io",
+    "peft",
+    "plan",
+    "engine",
+    "analysis",
+    "lora",
+    "pipeline",
+    "compare",
+    "trajectory",
+    "report",
+]
 # modules that must run without torch (records and everything after the engine hold numpy)
-TORCH_FREE = {"errors", "records", "names", "io/hub", "io/store", "io/files", "peft/layout", "peft/config",
-              "analysis", "lora/recommend", "lora/allocate", "report"}
+TORCH_FREE = {
+    "errors",
+    "records",
+    "names",
+    "io/hub",
+    "io/store",
+    "io/files",
+    "peft/layout",
+    "peft/config",
+    "analysis",
+    "lora/recommend",
+    "lora/allocate",
+    "report",
+}
 
 
 def unit_of(path: Path) -> str:

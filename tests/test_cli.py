@@ -86,8 +86,10 @@ def test_pickle_bin_is_refused(planted_pair: PairFactory, tmp_path: Path) -> Non
     assert_clean_error(invoke("rank", base, tmp_path / "pytorch_model.bin"), 1, "pickle", "safetensors")
 
 
-@pytest.mark.parametrize(("side", "value"), [("tuned", float("nan")), ("tuned", float("inf")), ("base", float("nan")),
-                                            ("base", float("-inf"))])
+@pytest.mark.parametrize(
+    ("side", "value"),
+    [("tuned", float("nan")), ("tuned", float("inf")), ("base", float("nan")), ("base", float("-inf"))],
+)
 @pytest.mark.parametrize("precision", ["fast", "exact"])
 def test_non_finite_weights_name_the_file_and_tensor(tmp_path: Path, side: str, value: float, precision: str) -> None:
     """A NaN/Inf weight (a diverged fine-tune) has no spectrum: one line naming file and tensor, no JSON written."""
@@ -117,8 +119,9 @@ def test_bad_threshold_is_a_usage_error(planted_pair: PairFactory, tmp_path: Pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--device", "tpu"), ("--precision", "sloppy"), ("--lora-ranks", "8,x"),
-                                             ("--include", "([")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--device", "tpu"), ("--precision", "sloppy"), ("--lora-ranks", "8,x"), ("--include", "([")]
+)
 def test_bad_settings_are_usage_errors(planted_pair: PairFactory, flag: str, value: str) -> None:
     base, tuned, _ = planted_pair()
     assert_clean_error(invoke("rank", base, tuned, flag, value), 2, flag.removeprefix("--").split("-")[0])

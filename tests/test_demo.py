@@ -150,9 +150,18 @@ def test_cache_key_changes_with_every_setting(tmp_path: Path) -> None:
     s = DemoSettings()
     key = cache_key(s, "cpu", model)
     assert key.startswith("s40-b16-seed0-cpu-") and cache_key(DemoSettings(), "cpu", model) == key
-    variants = [replace(s, steps=41), replace(s, batch_size=8), replace(s, seed=1), replace(s, n_test=400),
-                replace(s, query_tokens=16), replace(s, code_tokens=128), replace(s, full_lr=2e-4),
-                replace(s, lora_lr=2e-3), replace(s, lora_r=16), replace(s, lora_alpha=8)]
+    variants = [
+        replace(s, steps=41),
+        replace(s, batch_size=8),
+        replace(s, seed=1),
+        replace(s, n_test=400),
+        replace(s, query_tokens=16),
+        replace(s, code_tokens=128),
+        replace(s, full_lr=2e-4),
+        replace(s, lora_lr=2e-3),
+        replace(s, lora_r=16),
+        replace(s, lora_alpha=8),
+    ]
     keys = {cache_key(v, "cpu", model) for v in variants} | {cache_key(s, "cuda", model), key}
     assert len(keys) == len(variants) + 2
     model.write_bytes(b"x" * 11)  # another model version
@@ -161,10 +170,21 @@ def test_cache_key_changes_with_every_setting(tmp_path: Path) -> None:
 
 def _fake_trained(folder: Path, retrieval: float = 0.5) -> Trained:
     """A complete cache entry with placeholder files."""
-    trained = Trained(folder=folder, retrieval={"base": 0.5, "full": retrieval, "lora": retrieval},
-                      train_s={"full": 1.0, "lora": 1.0}, n_train=10, n_test=5, n_files=2, device="cpu")
-    for path in (trained.full, trained.lora_merged, trained.lora_adapter / "adapter_model.safetensors",
-                 trained.lora_adapter / "adapter_config.json"):
+    trained = Trained(
+        folder=folder,
+        retrieval={"base": 0.5, "full": retrieval, "lora": retrieval},
+        train_s={"full": 1.0, "lora": 1.0},
+        n_train=10,
+        n_test=5,
+        n_files=2,
+        device="cpu",
+    )
+    for path in (
+        trained.full,
+        trained.lora_merged,
+        trained.lora_adapter / "adapter_model.safetensors",
+        trained.lora_adapter / "adapter_config.json",
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"{}")
     save_trained(trained)
@@ -255,8 +275,11 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
 
     assert not first.cached and first.report.is_file() and "full fine-tune" in first.report.read_text()
     assert set(first.retrieval) == {"base", "full", "lora"} and all(0 <= v <= 1 for v in first.retrieval.values())
-    with safe_open(str(first.base), "pt") as b, safe_open(str(first.full), "pt") as f, \
-            safe_open(str(first.lora_merged), "pt") as m:
+    with (
+        safe_open(str(first.base), "pt") as b,
+        safe_open(str(first.full), "pt") as f,
+        safe_open(str(first.lora_merged), "pt") as m,
+    ):
         assert set(b.keys()) == set(f.keys()) == set(m.keys())
         full_bytes = f.get_tensor("encoder.layer.0.attention.self.query.weight").numpy().tobytes()
     assert (first.lora_adapter / "adapter_model.safetensors").is_file()

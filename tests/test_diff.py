@@ -23,15 +23,29 @@ def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.T
 
 def test_every_unanalysed_tensor_has_a_reason(tmp_path: Path) -> None:
     w = torch.randn(4, 6)
-    base = {"x.weight": w, "norm.weight": torch.ones(4), "emb.weight": torch.randn(10, 6), "gone.weight": w.clone(),
-            "steps": torch.zeros(3, 3, dtype=torch.int64)}  # "emb" is not a vocabulary module name: no row matching
-    tuned = {"x.weight": w + 1, "norm.weight": torch.ones(4), "emb.weight": torch.randn(12, 6), "new.weight": w.clone(),
-             "steps": torch.ones(3, 3, dtype=torch.int64)}
+    base = {
+        "x.weight": w,
+        "norm.weight": torch.ones(4),
+        "emb.weight": torch.randn(10, 6),
+        "gone.weight": w.clone(),
+        "steps": torch.zeros(3, 3, dtype=torch.int64),
+    }  # "emb" is not a vocabulary module name: no row matching
+    tuned = {
+        "x.weight": w + 1,
+        "norm.weight": torch.ones(4),
+        "emb.weight": torch.randn(12, 6),
+        "new.weight": w.clone(),
+        "steps": torch.ones(3, 3, dtype=torch.int64),
+    }
     _, _, pairs, skipped = pair(tmp_path, base, tuned)
     assert set(pairs) == {"x.weight"}
     assert {n: s.reason for n, s in skipped.items()} == {
-        "norm.weight": "not-2d", "emb.weight": "shape-mismatch", "gone.weight": "only-in-base",
-        "new.weight": "only-in-tuned", "steps": "not-float"}
+        "norm.weight": "not-2d",
+        "emb.weight": "shape-mismatch",
+        "gone.weight": "only-in-base",
+        "new.weight": "only-in-tuned",
+        "steps": "not-float",
+    }
     assert "(10, 6)" in skipped["emb.weight"].detail and "(12, 6)" in skipped["emb.weight"].detail
 
 
@@ -91,10 +105,14 @@ def test_noise_estimate_matches_measured_rounding_energy(dtype: torch.dtype, nam
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7 * 4 * 13, 2**30])  # one row, 7 rows (last chunk short), all rows
-@pytest.mark.parametrize(("base_dtype", "tuned_dtype"),
-                         [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    ("base_dtype", "tuned_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]
+)
 def test_chunked_delta_equals_whole_tensor_arithmetic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, base_dtype: torch.dtype,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_bytes: int,
+    base_dtype: torch.dtype,
     tuned_dtype: torch.dtype,
 ) -> None:
     """ΔW, ‖W_base‖, the noise estimate and its cap do not depend on how many rows are formed at a time."""
@@ -123,11 +141,13 @@ def test_float8_checkpoints_are_diffed_and_measured(tmp_path: Path, dtype: torch
     assert torch.equal(delta.values, w_tuned.float() - w.float())  # type: ignore[union-attr]
     assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
     assert delta.noise_energy == pytest.approx(  # type: ignore[union-attr]
-        rounding_noise_energy(w, name) + rounding_noise_energy(w_tuned, name), rel=1e-12)
+        rounding_noise_energy(w, name) + rounding_noise_energy(w_tuned, name), rel=1e-12
+    )
 
 
-@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight",
-                                  "output.weight"])
+@pytest.mark.parametrize(
+    "name", ["model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight", "output.weight"]
+)
 @pytest.mark.parametrize(("base_rows", "tuned_rows"), [(100, 102), (102, 100)])
 def test_a_resized_vocabulary_is_compared_over_its_shared_rows(
     tmp_path: Path, name: str, base_rows: int, tuned_rows: int

@@ -98,8 +98,9 @@ def test_missing_id_says_how_to_fetch_it(cache: Path, monkeypatch: pytest.Monkey
     assert "hf download org/missing --revision v2" in message and "--download" in message and str(cache) in message
 
 
-def test_a_local_path_wins_over_a_hub_id(planted_pair: PairFactory, cache: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_path_wins_over_a_hub_id(
+    planted_pair: PairFactory, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, _, _ = planted_pair(layout="folder")
     shutil.copytree(base, tmp_path / "org" / "base")
     monkeypatch.chdir(tmp_path)
@@ -118,8 +119,9 @@ def test_without_huggingface_hub_the_error_says_what_to_install(monkeypatch: pyt
         open_checkpoint("org/name")
 
 
-def test_download_fetches_layout_then_weights_never_pickles(planted_pair: PairFactory, cache: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_fetches_layout_then_weights_never_pickles(
+    planted_pair: PairFactory, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """download=True: first the small layout files, then exactly the shards the index names, at the same commit."""
     _, tuned, _ = planted_pair(layout="shards")
     calls: list[dict[str, Any]] = []
@@ -173,8 +175,10 @@ def test_a_cached_adapter_resolves_like_a_folder(tmp_path: Path, cache: Path) ->
     g = torch.Generator().manual_seed(0)
     w, a, b = torch.randn(12, 10, generator=g), torch.randn(2, 10, generator=g), torch.randn(12, 2, generator=g)
     save_file({"model.proj.weight": w}, str(tmp_path / "model.safetensors"))
-    save_file({"base_model.model.model.proj.lora_A.weight": a, "base_model.model.model.proj.lora_B.weight": b},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.model.proj.lora_A.weight": a, "base_model.model.model.proj.lora_B.weight": b},
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 6}))
     cache_repo(cache, "org/base", {"model.safetensors": tmp_path / "model.safetensors"})
     cache_repo(cache, "org/adapter", {n: tmp_path / n for n in ("adapter_model.safetensors", "adapter_config.json")})

@@ -82,15 +82,18 @@ def test_not_safetensors(tmp_path: Path) -> None:
     expect_error(tmp_path / "x.safetensors", "not a safetensors file")
 
 
-@pytest.mark.parametrize("entry", [
-    {"dtype": "F32", "shape": "44", "data_offsets": [0, 64]},  # a string is not a shape
-    {"dtype": "F32", "shape": [4.0, 4], "data_offsets": [0, 64]},
-    {"dtype": "F32", "shape": [True, 16], "data_offsets": [0, 64]},
-    {"dtype": "F32", "shape": [4, -4], "data_offsets": [0, 64]},
-    {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32, 64]},
-    {"dtype": 7, "shape": [4, 4], "data_offsets": [0, 64]},
-    {"shape": [4, 4], "data_offsets": [0, 64]},
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": "44", "data_offsets": [0, 64]},  # a string is not a shape
+        {"dtype": "F32", "shape": [4.0, 4], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [True, 16], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [4, -4], "data_offsets": [0, 64]},
+        {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32, 64]},
+        {"dtype": 7, "shape": [4, 4], "data_offsets": [0, 64]},
+        {"shape": [4, 4], "data_offsets": [0, 64]},
+    ],
+)
 def test_malformed_header_entries_are_refused_not_guessed(tmp_path: Path, entry: dict[str, object]) -> None:
     header = json.dumps({"w": entry}).encode()
     path = tmp_path / "m.safetensors"

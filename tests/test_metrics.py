@@ -412,12 +412,25 @@ def test_summarize_empty() -> None:
 def test_reading_order_lists_blocks_in_execution_order() -> None:
     from spectra.analysis.metrics import reading_order
 
-    names = ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mystery.weight"]
+    names = [
+        "lm_head.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.mystery.weight",
+    ]
     kinds = module_kinds(names)
     ordered = sorted(names, key=lambda n: reading_order(*kinds[n]))
-    assert ordered == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                       "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.o_proj.weight",
-                       "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mystery.weight",
-                       "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    assert ordered == [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mystery.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]

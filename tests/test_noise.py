@@ -30,8 +30,13 @@ def weights(rel: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return w, delta * rel * np.linalg.norm(w) / np.linalg.norm(delta)
 
 
-def stored_pair(tmp_path: Path, w_base: np.ndarray, w_tuned: np.ndarray, base_dtype: torch.dtype = torch.bfloat16,
-                tuned_dtype: torch.dtype = torch.bfloat16) -> tuple[Path, Path]:
+def stored_pair(
+    tmp_path: Path,
+    w_base: np.ndarray,
+    w_tuned: np.ndarray,
+    base_dtype: torch.dtype = torch.bfloat16,
+    tuned_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[Path, Path]:
     base = save_checkpoint({NAME: torch.from_numpy(w_base).to(base_dtype)}, tmp_path / "base")
     tuned = save_checkpoint({NAME: torch.from_numpy(w_tuned).to(tuned_dtype)}, tmp_path / "tuned")
     return base, tuned
@@ -76,8 +81,9 @@ def test_rank8_update_at_1e_1_in_bf16_is_not_flagged_and_rank_is_recovered(tmp_p
         (torch.float16, torch.float16, 3e-2),
     ],
 )
-def test_noise_estimate_matches_measured_null_delta(tmp_path: Path, base_dtype: torch.dtype,
-                                                    tuned_dtype: torch.dtype, rel: float) -> None:
+def test_noise_estimate_matches_measured_null_delta(
+    tmp_path: Path, base_dtype: torch.dtype, tuned_dtype: torch.dtype, rel: float
+) -> None:
     """A dense random perturbation P (a "null" update: no structure) is stored; ‖ΔW − P‖² is pure rounding noise.
 
     The estimate, made from the stored tensors alone (P unknown to it), must match the measured energy within 5%.

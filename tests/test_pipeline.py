@@ -18,8 +18,9 @@ THRESHOLDS = (0.5, 0.8, 0.9, 0.99, 1.0)
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("threshold", THRESHOLDS)
-def test_planted_ranks_are_exact_in_fp32_for_every_layout(planted_pair: PairFactory, layout: str,
-                                                           threshold: float) -> None:
+def test_planted_ranks_are_exact_in_fp32_for_every_layout(
+    planted_pair: PairFactory, layout: str, threshold: float
+) -> None:
     base, tuned, spectra = planted_pair(layout=layout)
     analysis = analyze(str(base), str(tuned), Options(threshold=threshold, precision="exact"))
     got = {m.name: m.rank for m in analysis.layers}
@@ -70,8 +71,19 @@ def test_json_round_trip_is_lossless(planted_pair: PairFactory, tmp_path: Path) 
     data = json.loads(path.read_text())
     assert data["format"] == "spectra.analysis/1" and data["threshold"] == 0.9
     layer = data["layers"][0]
-    for key in ("name", "shape", "rank", "stable_rank", "effective_rank", "spectral_norm", "frobenius_norm",
-                "relative_change", "captured", "random_rank", "singular_values"):
+    for key in (
+        "name",
+        "shape",
+        "rank",
+        "stable_rank",
+        "effective_rank",
+        "spectral_norm",
+        "frobenius_norm",
+        "relative_change",
+        "captured",
+        "random_rank",
+        "singular_values",
+    ):
         assert key in layer
     assert set(layer["captured"]) == {"8", "16", "64", "256"}
     assert {"skipped", "summary", "recommendation"} <= set(data)
@@ -119,10 +131,20 @@ def test_resized_vocabulary_is_analysed_over_shared_rows_with_a_note(tmp_path: P
     update = rng.standard_normal((200, 3)) @ rng.standard_normal((3, 32))
     tuned_embed = np.concatenate([embed + 0.1 * update, rng.standard_normal((2, 32))])
     q = rng.standard_normal((32, 32))
-    base = save_checkpoint({"model.embed_tokens.weight": torch.from_numpy(embed).float(),
-                            "model.layers.0.q_proj.weight": torch.from_numpy(q).float()}, tmp_path / "b")
-    tuned = save_checkpoint({"model.embed_tokens.weight": torch.from_numpy(tuned_embed).float(),
-                             "model.layers.0.q_proj.weight": torch.from_numpy(q + 0.1).float()}, tmp_path / "t")
+    base = save_checkpoint(
+        {
+            "model.embed_tokens.weight": torch.from_numpy(embed).float(),
+            "model.layers.0.q_proj.weight": torch.from_numpy(q).float(),
+        },
+        tmp_path / "b",
+    )
+    tuned = save_checkpoint(
+        {
+            "model.embed_tokens.weight": torch.from_numpy(tuned_embed).float(),
+            "model.layers.0.q_proj.weight": torch.from_numpy(q + 0.1).float(),
+        },
+        tmp_path / "t",
+    )
     analysis = analyze(str(base), str(tuned), Options(threshold=1.0))
     layer = next(lm for lm in analysis.layers if lm.name == "model.embed_tokens.weight")
     assert layer.shape == (200, 32) and layer.rank == 3

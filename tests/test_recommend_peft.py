@@ -25,8 +25,14 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-             "vocab_size": 100, "max_position_embeddings": 16}
+TINY_BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 100,
+    "max_position_embeddings": 16,
+}
 
 
 def planted_metrics(model: Any, seed: int, rank_of: Any) -> list[LayerMetrics]:

@@ -51,8 +51,11 @@ def test_fast_and_exact_agree_on_every_energy_quantity(shape: tuple[int, int], k
     for tau in (0.5, 0.8, 0.9, 0.99):
         assert energy_rank(fast.s, tau, fast.energy) == energy_rank(exact.s, tau, exact.energy)
     ranks = [1, 4, 8, 16, 32]
-    np.testing.assert_allclose(list(captured_energy(fast.s, ranks, fast.energy).values()),
-                               list(captured_energy(exact.s, ranks, exact.energy).values()), atol=1e-6)
+    np.testing.assert_allclose(
+        list(captured_energy(fast.s, ranks, fast.energy).values()),
+        list(captured_energy(exact.s, ranks, exact.energy).values()),
+        atol=1e-6,
+    )
     assert stable_rank(fast.s, fast.energy) == pytest.approx(stable_rank(exact.s, exact.energy), rel=1e-5)
     # both recover the planted σ (float32 storage of ΔW limits this to ~1e-6·σ1)
     ref = np.sort(s)[::-1]
@@ -284,8 +287,10 @@ def test_auto_device_without_gpu_is_cpu() -> None:
 @pytest.mark.parametrize("precision", ["fast", "exact"])
 def test_cuda_matches_cpu(precision: str) -> None:
     rng = np.random.default_rng(6)
-    deltas = [dense(f"m{i}", planted_matrix((256, 192), planted_spectra(192)[k], rng))
-              for i, k in enumerate(["power", "rank8", "step"])]
+    deltas = [
+        dense(f"m{i}", planted_matrix((256, 192), planted_spectra(192)[k], rng))
+        for i, k in enumerate(["power", "rank8", "step"])
+    ]
     cpu = run(deltas, precision=precision)
     gpu = list(compute_spectra(iter(deltas), Options(precision=precision), torch.device("cuda")))
     for a, b in zip(cpu, gpu, strict=True):

@@ -20,7 +20,6 @@ from spectra.records import GroupSummary, LayerMetrics, Options, Spectrum, Summa
 log = logging.getLogger(__name__)
 
 
-
 def _cumulative_energy(s: np.ndarray) -> np.ndarray:
     """Σ_{i≤k} σᵢ² for k = 1..len(s), float64."""
     return np.cumsum(np.square(np.asarray(s, dtype=np.float64)))

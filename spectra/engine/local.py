@@ -75,9 +75,7 @@ def batch_budget(options: Options, device: torch.device) -> int:
     return CPU_BATCH_BYTES
 
 
-def compute_spectra(
-    deltas: Iterable[Delta], options: Options, device: torch.device
-) -> Generator[Spectrum, None, None]:
+def compute_spectra(deltas: Iterable[Delta], options: Options, device: torch.device) -> Generator[Spectrum, None, None]:
     """Yield the Spectrum of each Delta, in input order, reading ahead on a background thread.
 
     Args:
@@ -89,8 +87,9 @@ def compute_spectra(
     with cpu_threads(options.threads), full_float32():
         if device.type == "cpu":
             workers = torch.get_num_threads()
-            log.info("spectrum: cpu, %d workers, precision %s, %d MiB in flight", workers, options.precision,
-                     budget >> 20)
+            log.info(
+                "spectrum: cpu, %d workers, precision %s, %d MiB in flight", workers, options.precision, budget >> 20
+            )
             ledger = _Ledger(budget)
             with contextlib.closing(_prefetch(iter(deltas), READER_THREADS, ledger, _nbytes)) as items:
                 yield from _compute_cpu(items, options.precision, budget, workers, ledger)
@@ -163,7 +162,9 @@ class _Ledger:
 
 
 def _prefetch(
-    items: Iterator[T], reader_threads: int | None = None, ledger: _Ledger | None = None,
+    items: Iterator[T],
+    reader_threads: int | None = None,
+    ledger: _Ledger | None = None,
     size: Callable[[T], int] | None = None,
 ) -> Generator[T, None, None]:
     """Run `items` on a reader thread, one item ahead; re-raise its errors here.

@@ -26,6 +26,7 @@ from spectra.records import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
+
 class Checkpoint:
     """An open checkpoint: the tensor index from the headers, and `read(name)` for one tensor at a time."""
 

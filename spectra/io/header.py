@@ -118,5 +118,3 @@ def _entry(file: Path, name: str, meta: object, data_start: int, size: int) -> T
             f"{data_start + end} bytes); re-download or re-save it"
         )
     return TensorEntry(name, shape, code, file, data_start + begin, end - begin)
-
-

@@ -91,11 +91,13 @@ def _import_hub(text: str) -> ModuleType:
     return huggingface_hub
 
 
-def _snapshot(hub: Any, repo: str, revision: str | None, cache: str | None, patterns: list[str],
-              *, local: bool) -> Path:
+def _snapshot(
+    hub: Any, repo: str, revision: str | None, cache: str | None, patterns: list[str], *, local: bool
+) -> Path:
     """huggingface_hub.snapshot_download restricted to `patterns` (local: look up refs/ and snapshots/ only)."""
-    path = hub.snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=local,
-                                 allow_patterns=patterns)
+    path = hub.snapshot_download(
+        repo, revision=revision, cache_dir=cache, local_files_only=local, allow_patterns=patterns
+    )
     return Path(str(path))
 
 
@@ -117,10 +119,14 @@ def _not_cached(text: str, repo: str, revision: str | None, cache: str | None, e
     rev = f" --revision {revision}" if revision else ""
     fetch = f"`hf download {repo}{rev}` (older huggingface_hub: `huggingface-cli download {repo}{rev}`)"
     if exc is not None:  # a download was attempted
-        return (f"{text}: no such file or folder, not in the local Hugging Face cache ({where}), and the download "
-                f"failed: {_first_line(exc)}; check the id, the network and HF_HUB_OFFLINE, or fetch it with {fetch}")
-    return (f"{text}: no such file or folder, and not in the local Hugging Face cache ({where}); fetch it with "
-            f"{fetch}, or pass download=True (CLI: --download)")
+        return (
+            f"{text}: no such file or folder, not in the local Hugging Face cache ({where}), and the download "
+            f"failed: {_first_line(exc)}; check the id, the network and HF_HUB_OFFLINE, or fetch it with {fetch}"
+        )
+    return (
+        f"{text}: no such file or folder, and not in the local Hugging Face cache ({where}); fetch it with "
+        f"{fetch}, or pass download=True (CLI: --download)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,8 +27,13 @@ def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
     """Return the JSON-ready dict of `analysis` (contract keys first: format, base, tuned, threshold, layers, ...)."""
     body = _encode(analysis)
     assert isinstance(body, dict)
-    return {"format": FORMAT, "base": body.pop("base"), "tuned": body.pop("tuned"),
-            "threshold": analysis.options.threshold, **body}
+    return {
+        "format": FORMAT,
+        "base": body.pop("base"),
+        "tuned": body.pop("tuned"),
+        "threshold": analysis.options.threshold,
+        **body,
+    }
 
 
 def analysis_from_dict(data: dict[str, Any]) -> Analysis:

@@ -48,7 +48,9 @@ class Handles:
 
 
 def read_tensor(
-    entry: TensorEntry, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+    entry: TensorEntry,
+    rows: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
     handles: Handles | None = None,
 ) -> torch.Tensor:
     """Return the tensor of `entry` (or its rows `rows` = (start, stop) along the first axis) in its storage dtype,
@@ -85,4 +87,3 @@ def read_tensor(
     if got != nbytes:
         raise CheckpointError(f"{entry.file}: tensor {name!r} is cut short (truncated?); re-download or re-save it")
     return out
-

@@ -36,6 +36,7 @@ RSLORA_ADVICE = (
     "every module the scale 2 that α = 2r gives plain LoRA."
 )
 
+
 @dataclass(frozen=True, slots=True)
 class _Spectra:
     """Per-matrix arrays the routines share: cumulative energies (cum[k] = Σ_{i≤k} σᵢ², cum[0] = 0) and shapes."""

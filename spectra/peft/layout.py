@@ -31,8 +31,6 @@ VARIANTS = {
 }
 
 
-
-
 def pattern_key(patterns: Iterable[str], module: str) -> str:
     """peft.utils.other.get_pattern_key: the first pattern p (a regex) with `(.*\\.)?(p)$` matching, else `module`."""
     for key in patterns:

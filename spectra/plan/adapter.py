@@ -12,19 +12,17 @@ is reported as skipped with the reason, never read as something else.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 
 import torch
 
-from spectra.errors import CheckpointError
 from spectra.io.checkpoint import Checkpoint
-from spectra.peft.layout import LORA_KEY, PREFIX, targets_parameter
-from spectra.peft.read import LoraSettings, read_lora_settings
+from spectra.peft.read import LoraModule, lora_modules, read_lora_settings
 from spectra.plan.dense import filter_reason, match_names, non_finite_error
 from spectra.records import Delta, Options, Skipped
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class AdapterPair:
@@ -56,14 +54,14 @@ def pair_adapter(
         CheckpointError: bad adapter_config.json, a non-LoRA adapter, or several adapters in one file.
     """
     settings = read_lora_settings(adapter.location, adapter.path)
-    modules, skipped = _group(adapter, settings)
+    modules, skipped = lora_modules(adapter.entries, settings, adapter.path)
     names = {module: f"{module}.weight" for module in modules}
     base_of = match_names(set(base.entries), set(names.values())) if base is not None else {}
     pairs: list[AdapterPair] = []
-    for module, parts in modules.items():
+    for module, found_module in modules.items():
         name = names[module]
-        why = filter_reason(name, options) or _unsupported(name, module, parts, settings)
-        found = why or _pair(adapter, base, name, base_of.get(name), module, parts, settings)
+        why = filter_reason(name, options) or (found_module if isinstance(found_module, Skipped) else None)
+        found = why or _pair(base, name, base_of.get(name), found_module)  # type: ignore[arg-type]
         if isinstance(found, AdapterPair):
             pairs.append(found)
         else:
@@ -71,77 +69,19 @@ def pair_adapter(
     return pairs, skipped
 
 
-def _group(adapter: Checkpoint, settings: LoraSettings) -> tuple[dict[str, dict[str, str]], list[Skipped]]:
-    """module -> {part: key} for LoRA tensors; every other tensor is skipped with the reason."""
-    modules: dict[str, dict[str, str]] = {}
-    skipped: list[Skipped] = []
-    adapter_names: set[str] = set()
-    for key in adapter.entries:
-        match = LORA_KEY.match(key)
-        if match is None:
-            skipped.append(Skipped(key, "unsupported", _not_lora(key, settings)))
-        elif match["param"] == "bias":
-            skipped.append(Skipped(key, "not-2d", "LoRA bias (lora_bias=True); the weight's ΔW is analysed"))
-        else:
-            adapter_names.add(match["adapter"] or "")
-            modules.setdefault(match["module"], {})[match["part"]] = key
-    if len(adapter_names) > 1:
-        listed = ", ".join(sorted(n or "(none)" for n in adapter_names))
-        raise CheckpointError(f"{adapter.path}: holds several adapters ({listed}); save one adapter per folder")
-    return modules, skipped
-
-
-def _not_lora(key: str, settings: LoraSettings) -> str:
-    module = key.removeprefix(PREFIX).rsplit(".", 1)[0]
-    if ".base_layer." in key:
-        return "a copy of the base layer's weight saved with the adapter (save_embedding_layers), not a LoRA update"
-    if "trainable_tokens" in key:
-        return "trainable token deltas (trainable_token_indices), not LoRA factors"
-    if any(re.fullmatch(rf"(.*\.)?{re.escape(m)}(\.modules_to_save(\..+)?)?", module) for m in
-           settings.modules_to_save):
-        return "a modules_to_save copy: a fully trained weight, not LoRA factors; analyse the merged model for its ΔW"
-    return "not a LoRA factor (lora_A / lora_B / lora_embedding_A / lora_embedding_B)"
-
-
-def _unsupported(name: str, module: str, parts: dict[str, str], settings: LoraSettings) -> Skipped | None:
-    if settings.variant is not None:
-        return Skipped(name, "unsupported", f"{settings.variant} adapter: ΔW is not scale·B@A")
-    if "lora_magnitude_vector" in parts:
-        return Skipped(name, "unsupported", "DoRA (lora_magnitude_vector): ΔW is not scale·B@A")
-    if any(targets_parameter(module, t) for t in settings.target_parameters):
-        return Skipped(name, "unsupported", "LoRA on a parameter (target_parameters, e.g. MoE experts)")
-    linear, embedding = {"lora_A", "lora_B"} & parts.keys(), {"lora_embedding_A", "lora_embedding_B"} & parts.keys()
-    if len(linear) + len(embedding) != 2 or (linear and embedding):
-        return Skipped(name, "unsupported", f"incomplete LoRA factors ({', '.join(sorted(parts))})")
-    return None
-
-
-def _pair(adapter: Checkpoint, base: Checkpoint | None, name: str, base_name: str | None, module: str,
-          parts: dict[str, str], settings: LoraSettings) -> AdapterPair | Skipped:
-    """Check ranks and shapes of one module's factors (and against the base weight) and orient ΔW."""
-    embedding = "lora_embedding_A" in parts
-    a = adapter.entries[parts["lora_embedding_A" if embedding else "lora_A"]]
-    b = adapter.entries[parts["lora_embedding_B" if embedding else "lora_B"]]
-    if len(a.shape) != 2 or len(b.shape) != 2:
-        return Skipped(name, "not-2d", f"LoRA factors A {a.shape}, B {b.shape} (convolution?)")
-    if not (a.is_float and b.is_float):
-        return Skipped(name, "not-float", f"LoRA factors stored as {a.dtype_name}/{b.dtype_name}")
-    r, _ = settings.rank_and_alpha(module)
-    if not a.shape[0] == b.shape[1] == r:
-        detail = f"A {a.shape}, B {b.shape}, adapter_config r={r} for this module"
-        return Skipped(name, "shape-mismatch", detail)
-    transpose = embedding or settings.fan_in_fan_out
-    shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+def _pair(base: Checkpoint | None, name: str, base_name: str | None, module: LoraModule) -> AdapterPair | Skipped:
+    """Check one module's ΔW shape against the base weight (when given) and orient ΔW as the base stores it."""
+    shape, transpose = module.shape, module.transpose
     if base is not None:
         if base_name is None:
-            return Skipped(name, "only-in-tuned", f"adapted module {module!r} is not in the base checkpoint")
+            return Skipped(name, "only-in-tuned", f"adapted module {module.module!r} is not in the base checkpoint")
         base_shape = base.entries[base_name].shape
         if base_shape != shape and base_shape == shape[::-1]:  # PEFT sets fan_in_fan_out per layer type (Conv1D)
             shape, transpose = (shape[1], shape[0]), not transpose
         elif base_shape != shape:
             return Skipped(name, "shape-mismatch", f"base {base_shape} vs adapter ΔW {shape}")
         name = base_name  # the base model's key, verbatim
-    return AdapterPair(name, base_name, shape, a.name, b.name, settings.scale(module), transpose)
+    return AdapterPair(name, base_name, shape, module.a.name, module.b.name, module.scale, transpose)
 
 
 def make_factored_delta(adapter: Checkpoint, base: Checkpoint | None, pair: AdapterPair) -> Delta | Skipped:
@@ -169,9 +109,13 @@ def make_factored_delta(adapter: Checkpoint, base: Checkpoint | None, pair: Adap
 
 def adapter_notes(base: Checkpoint | None) -> tuple[str, ...]:
     """Lines for Analysis.notes: what an adapter analysis reports differently, and what it cannot report."""
-    notes = ["ΔW comes from the adapter's LoRA factors (scale·B@A): each rank is at most the adapter's r, and "
-             "there is no storage-rounding floor (noise fraction 0)"]
+    notes = [
+        "ΔW comes from the adapter's LoRA factors (scale·B@A): each rank is at most the adapter's r, and "
+        "there is no storage-rounding floor (noise fraction 0)"
+    ]
     if base is None:
-        notes.append("no BASE given: relative change ‖ΔW‖/‖W‖ is not reported and the adapter's shapes were not "
-                     "checked against the base model; pass BASE for both")
+        notes.append(
+            "no BASE given: relative change ‖ΔW‖/‖W‖ is not reported and the adapter's shapes were not "
+            "checked against the base model; pass BASE for both"
+        )
     return tuple(notes)

@@ -71,8 +71,10 @@ def _vocabulary_resized(name: str, base: tuple[int, ...], tuned: tuple[int, ...]
         return None
     shared, change, n = min(base[0], tuned[0]), "added" if tuned[0] > base[0] else "removed", abs(tuned[0] - base[0])
     rest = f"the {change} row has" if n == 1 else f"the {n} {change} rows have"
-    return (f"{name}: vocabulary resized ({base[0]} → {tuned[0]} rows); ΔW covers the {shared} rows both share, "
-            f"{rest} no counterpart (not analysed)")
+    return (
+        f"{name}: vocabulary resized ({base[0]} → {tuned[0]} rows); ΔW covers the {shared} rows both share, "
+        f"{rest} no counterpart (not analysed)"
+    )
 
 
 def filter_reason(name: str, options: Options) -> Skipped | None:
@@ -220,8 +222,13 @@ def _sum_squares(w: torch.Tensor, chunk: int = 1 << 16) -> float:
     flat = w.reshape(-1)
     if flat.element_size() == 1:  # float8: torch has no promotion rules for it, so upcast through float32
         flat = flat.float()
-    return sum((float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
-                for i in range(0, flat.numel(), chunk)), 0.0)
+    return sum(
+        (
+            float(torch.linalg.vector_norm(flat[i : i + chunk], dtype=torch.float64)) ** 2
+            for i in range(0, flat.numel(), chunk)
+        ),
+        0.0,
+    )
 
 
 # storage dtype -> (mantissa field width, exponent mask, exponent bias)

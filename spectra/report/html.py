@@ -30,6 +30,8 @@ CAVEAT = (
     "needs can be much lower (Biderman et al. 2024): a LoRA that captures a small share of ΔW may still match "
     "the full fine-tune on the task, and rounding noise inflates the rank of small updates."
 )
+
+
 @dataclass(frozen=True, slots=True)
 class _Plot:
     """One embedded figure: anchor id, title, how to read it, PNG data URI."""
