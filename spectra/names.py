@@ -115,3 +115,12 @@ def reading_order(kind: str, layer: int | None) -> tuple[int, int, int]:
     if layer is None:
         return (0 if "embed" in kind or kind in ("wte", "wpe") else 2), 0, 0
     return 1, layer, BLOCK_ORDER.index(kind) if kind in BLOCK_ORDER else len(BLOCK_ORDER)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal, TSV or a one-line message: control characters (ESC, newline, tab, C1) and lone
+    surrogates become escapes like \\x1b or \\ud800. Checkpoint keys stay verbatim in records and JSON."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
