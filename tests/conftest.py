@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from spectra import LayerMetrics
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -102,39 +99,3 @@ def planted_pair(tmp_path: Path) -> PairFactory:
         )
 
     return make
-
-
-def spectrum_layer(
-    name: str,
-    shape: tuple[int, int],
-    values: Sequence[float] | np.ndarray,
-    *,
-    kind: str | None = None,
-    layer: int | None = None,
-    noisy: bool = False,
-) -> LayerMetrics:
-    """LayerMetrics carrying a planted spectrum (sorted here); only σ, ‖ΔW‖, shape, kind and noisy are meaningful,
-    for code that reads just those (recommend)."""
-    s = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    energy = float(np.sum(s**2))
-    return LayerMetrics(
-        name=name,
-        shape=shape,
-        kind=kind or name.removesuffix(".weight").split(".")[-1],
-        layer=layer,
-        rank=0,
-        stable_rank=0.0,
-        effective_rank=0.0,
-        spectral_norm=float(s[0]) if s.size else 0.0,
-        frobenius_norm=math.sqrt(energy),
-        relative_change=None,
-        captured={},
-        lora_params={},
-        random_rank=0,
-        noise_fraction=0.0,
-        noisy=noisy,
-        gd_rank=0,
-        dtype="f32",
-        method="svd-f64",
-        s=s,
-    )

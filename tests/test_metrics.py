@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import integrate, optimize
 
+from builders import layer_metrics
 from spectra.analysis.metrics import (
     RANK_RTOL,
     captured_energy,
@@ -26,7 +27,7 @@ from spectra.analysis.metrics import (
     stable_rank,
     summarize,
 )
-from spectra.records import LayerMetrics, Options, Spectrum
+from spectra.records import Options, Spectrum
 
 # ---------------------------------------------------------------- energy rank: planted spectra
 
@@ -168,7 +169,7 @@ def test_stable_and_effective_rank_values() -> None:
     [((4096, 4096), 2089), ((4096, 11008), 2917), ((1024, 4096), 780), ((4096, 14336), 3058)],
 )
 def test_random_rank_reference_values(shape: tuple[int, int], expected: int) -> None:
-    # METHODS.md §3 (sampled SVDs agree ±1); ⌈m·F(t)⌉ itself gives these exactly
+    # README, What every number means: `random` (sampled SVDs agree ±1); ⌈m·F(t)⌉ itself gives these exactly
     assert random_rank(shape, 0.9) == expected
     assert random_rank(shape[::-1], 0.9) == random_rank(shape, 0.9)
 
@@ -376,15 +377,12 @@ def test_compute_metrics_python_scalars_round_trip_json() -> None:
             assert all(type(k) is int and type(v) in (int, float) for k, v in value.items()), f.name
 
 
-def _metrics(name: str, s: list[float], kind: str, layer: int | None) -> LayerMetrics:
-    return compute_metrics(_spectrum(s, name=name), Options(lora_ranks=(1, 2)), kind, layer)
-
-
 def test_summarize_groups_and_weights() -> None:
-    a = _metrics("layers.1.q.weight", [2.0, 1.0], "q", 1)  # E = 5, rank 2
-    b = _metrics("layers.0.q.weight", [1.0, 1.0, 1.0, 1.0], "q", 0)  # E = 4, rank 4
-    c = _metrics("layers.0.v.weight", [3.0], "v", 0)  # E = 9, rank 1
-    d = _metrics("lm_head.weight", [1.0, 1.0], "lm_head", None)  # E = 2, rank 2
+    ranks = Options(lora_ranks=(1, 2))
+    a = layer_metrics("layers.1.q.weight", (10, 6), [2.0, 1.0], kind="q", layer=1, options=ranks)  # E = 5, rank 2
+    b = layer_metrics("layers.0.q.weight", (10, 6), [1.0] * 4, kind="q", layer=0, options=ranks)  # E = 4, rank 4
+    c = layer_metrics("layers.0.v.weight", (10, 6), [3.0], kind="v", layer=0, options=ranks)  # E = 9, rank 1
+    d = layer_metrics("lm_head.weight", (10, 6), [1.0, 1.0], options=ranks)  # E = 2, rank 2
     summary = summarize([a, b, c, d], [1, 2])
     overall = summary.overall
     assert (overall.key, overall.n, overall.max_rank, overall.median_rank) == ("all", 4, 4, 2.0)

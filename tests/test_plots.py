@@ -1,30 +1,18 @@
 """plots: the Marchenko–Pastur profile against closed forms and a Gaussian SVD, and each figure's drawn data.
 
-`make_analysis` (also used by test_report.py) builds Analysis records by hand from planted spectra, so these tests
-depend on records only, not on the pipeline.
+The Analysis records come from `builders.make_analysis` (planted spectra through the metrics code), not the pipeline.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from spectra.records import (
-    Analysis,
-    CheckpointInfo,
-    GroupSummary,
-    LayerMetrics,
-    Options,
-    Recommendation,
-    Skipped,
-    Summary,
-)
+from builders import KINDS, empty_analysis, make_analysis
 from spectra.report.plots import (
     draw_indices,
     marchenko_pastur_profile,
@@ -34,121 +22,6 @@ from spectra.report.plots import (
     plot_rank_heatmap,
     plot_spectra,
 )
-
-KINDS = ("q_proj", "v_proj", "down_proj")
-
-
-def planted_spectrum(rank: int, length: int, tail: float = 1e-3) -> np.ndarray:
-    """`rank` singular values 1.0 plus a tiny tail: rank@0.9 is ceil(0.9·rank), +1 where 0.9·rank is whole."""
-    return np.concatenate([np.ones(rank), tail * np.maximum(np.exp(-np.arange(length - rank) / 5.0), 1e-6)])
-
-
-def _energy_rank(s: np.ndarray, threshold: float) -> int:
-    cum = np.cumsum(s**2)
-    return int(np.searchsorted(cum, threshold * cum[-1] * (1 - 1e-9))) + 1
-
-
-def make_layer(
-    name: str,
-    kind: str,
-    layer: int | None,
-    s: np.ndarray,
-    shape: tuple[int, int],
-    options: Options,
-    noisy: bool = False,
-) -> LayerMetrics:
-    """LayerMetrics of a planted spectrum, every number computed here by plain numpy."""
-    energy = float(np.sum(s**2))
-    p = s[s > 0] / s[s > 0].sum()
-    return LayerMetrics(
-        name=name,
-        shape=shape,
-        kind=kind,
-        layer=layer,
-        rank=_energy_rank(s, options.threshold),
-        stable_rank=energy / s[0] ** 2,
-        effective_rank=float(np.exp(-np.sum(p * np.log(p)))),
-        spectral_norm=float(s[0]),
-        frobenius_norm=math.sqrt(energy),
-        relative_change=math.sqrt(energy) / 50.0,
-        captured={r: float(np.sum(s[:r] ** 2) / energy) for r in options.lora_ranks},
-        lora_params={r: r * sum(shape) for r in options.lora_ranks},
-        random_rank=25,
-        noise_fraction=0.2 if noisy else 1e-4,
-        noisy=noisy,
-        gd_rank=min(int(np.sum(s > 0.5)), len(s)),
-        dtype="bf16",
-        method="gram-f64",
-        s=s,
-    )
-
-
-def _group(key: str, layers: Sequence[LayerMetrics], ranks: Sequence[int]) -> GroupSummary:
-    energies = [lm.frobenius_norm**2 for lm in layers]
-    total = sum(energies)
-    return GroupSummary(
-        key=key,
-        n=len(layers),
-        median_rank=float(np.median([lm.rank for lm in layers])),
-        max_rank=max(lm.rank for lm in layers),
-        median_rank_ratio=float(np.median([lm.rank / lm.random_rank for lm in layers])),
-        captured={r: sum(lm.captured[r] * e for lm, e in zip(layers, energies, strict=True)) / total for r in ranks},
-        energy=total,
-        n_noisy=sum(lm.noisy for lm in layers),
-    )
-
-
-def make_analysis(
-    n_layers: int = 2,
-    kinds: Sequence[str] = KINDS,
-    shape: tuple[int, int] = (64, 48),
-    names: dict[tuple[int, str], str] | None = None,
-    recommendation: Recommendation | None = None,
-    length: int | None = None,
-    notes: tuple[str, ...] = ("relative change is not reported for adapters",),
-    skipped: tuple[Skipped, ...] = (Skipped("model.norm.weight", "not-2d"),),
-) -> Analysis:
-    """n_layers × kinds matrices; matrix (layer i, kind j) has 4 + 3·j + 2·i equal singular values (and a tail).
-
-    The matrix of layer 0 and the last kind is flagged noisy. `names` overrides checkpoint keys.
-    """
-    options = Options(threshold=0.9, lora_ranks=(4, 8, 16), device="cpu", precision="exact")
-    length = length or min(shape)
-    layers = []
-    for i in range(n_layers):
-        for j, kind in enumerate(kinds):
-            name = (names or {}).get((i, kind), f"model.layers.{i}.{kind}.weight")
-            s = planted_spectrum(4 + 3 * j + 2 * i, length) * (1.0 + i)
-            layers.append(make_layer(name, kind, i, s, shape, options, noisy=(i == 0 and j == len(kinds) - 1)))
-    ranks = options.lora_ranks
-    summary = Summary(
-        overall=_group("all", layers, ranks),
-        kinds=tuple(_group(k, [lm for lm in layers if lm.kind == k], ranks) for k in kinds),
-        layers=tuple(_group(str(i), [lm for lm in layers if lm.layer == i], ranks) for i in range(n_layers)),
-    )
-    info = CheckpointInfo(path="base.safetensors", format="safetensors", n_tensors=7, n_bytes=123_456, dtypes=("bf16",))
-    return Analysis(
-        base="runs/base & co/base.safetensors",
-        tuned="runs/tuned.safetensors",
-        options=options,
-        layers=tuple(layers),
-        skipped=skipped,
-        summary=summary,
-        recommendation=recommendation,
-        base_info=info,
-        tuned_info=info,
-        device="cpu",
-        elapsed_s=1.25,
-        version="0.1.0",
-        created="2025-01-02T03:04:05Z",
-        notes=notes,
-    )
-
-
-def empty_analysis() -> Analysis:
-    """Nothing analysed: every tensor skipped."""
-    return replace(make_analysis(), layers=(), summary=Summary(GroupSummary("all", 0, 0.0, 0, 0.0, {}, 0.0, 0), (), ()))
-
 
 # --- Marchenko–Pastur profile -------------------------------------------------------------------------------
 
@@ -230,7 +103,8 @@ def test_plot_rank_heatmap_cells_are_planted_ranks() -> None:
     rank_ax, ratio_ax = fig.axes[:2]
     shown = sorted(int(t.get_text()) for t in rank_ax.texts)
     assert shown == sorted(lm.rank for lm in a.layers)
-    assert sorted(float(t.get_text()) for t in ratio_ax.texts) == sorted(round(lm.rank / 25, 2) for lm in a.layers)
+    ratios = sorted(round(lm.rank / lm.random_rank, 2) for lm in a.layers)
+    assert sorted(float(t.get_text()) for t in ratio_ax.texts) == ratios
     assert [t.get_text() for t in rank_ax.get_xticklabels()] == list(KINDS)
 
 

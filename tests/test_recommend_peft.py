@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import spectrum_layer
+from builders import layer_metrics
 from spectra import LayerMetrics, Recommendation
 from spectra.analysis.metrics import module_kinds
 from spectra.lora.recommend import recommend, write_adapter_config
@@ -48,7 +48,7 @@ def planted_metrics(model: Any, seed: int, rank_of: Any) -> list[LayerMetrics]:
         v, _ = np.linalg.qr(rng.standard_normal((n, k)))
         delta = (u * (rng.uniform(0.5, 3.0) * 0.8 ** np.arange(k))) @ v.T
         kind, block = kinds[name]
-        layers.append(spectrum_layer(name, (m, n), np.linalg.svd(delta, compute_uv=False), kind=kind, layer=block))
+        layers.append(layer_metrics(name, (m, n), np.linalg.svd(delta, compute_uv=False), kind=kind, layer=block))
     return layers
 
 
