@@ -11,7 +11,7 @@ import json
 import math
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Union
 
 import numpy as np
@@ -97,6 +97,8 @@ def _encode(value: Any) -> Any:
         return None if math.isnan(value) else float(value)
     if isinstance(value, (np.integer, np.bool_)):
         return value.item()
+    if isinstance(value, PurePath):  # paths given as Path objects are saved as the str they stand for
+        return str(value)
     return value
 
 
