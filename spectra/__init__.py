@@ -3,11 +3,20 @@
 >>> from spectra import analyze, Options
 >>> analysis = analyze("base.safetensors", "tuned.safetensors", Options(threshold=0.9))
 >>> analysis.layers[0].rank
+
+The HTML report writers (`write_report`, `write_comparison_report`) are imported on first use, so `import spectra`
+loads no matplotlib or jinja2.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
 from spectra.io.store import load_analysis, save_analysis
-from spectra.pipeline import analyze, version
+from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
+from spectra.pipeline import ProgressHook, analyze, version
 from spectra.records import (
     Analysis,
     CheckpointInfo,
@@ -21,7 +30,22 @@ from spectra.records import (
     Summary,
 )
 
+if TYPE_CHECKING:
+    from spectra.report.html import write_comparison_report, write_report
+
 __version__ = version()
+
+_LAZY = {"write_report": "spectra.report.html", "write_comparison_report": "spectra.report.html"}
+
+
+def __getattr__(name: str) -> Any:
+    """The lazily imported part of the public API (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spectra' has no attribute {name!r}")
+
 
 __all__ = [
     "Analysis",
@@ -32,7 +56,9 @@ __all__ = [
     "MismatchError",
     "Options",
     "OptionsError",
+    "ProgressHook",
     "RankOption",
+    "RecommendSettings",
     "Recommendation",
     "Skipped",
     "SpectraError",
@@ -41,5 +67,9 @@ __all__ = [
     "__version__",
     "analyze",
     "load_analysis",
+    "recommend",
     "save_analysis",
+    "write_adapter_config",
+    "write_comparison_report",
+    "write_report",
 ]

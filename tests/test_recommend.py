@@ -16,14 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import layer_metrics
-from spectra import LayerMetrics, OptionsError, SpectraError
-from spectra.lora.recommend import (
-    CAVEAT,
-    allocate_ranks,
-    recommend,
-    uniform_tradeoff,
-    write_adapter_config,
-)
+from spectra import LayerMetrics, OptionsError, RecommendSettings, SpectraError, recommend, write_adapter_config
+from spectra.lora.allocate import allocate_ranks, uniform_tradeoff
+from spectra.lora.recommend import TASK_TYPES
+from spectra.names import CAVEAT
 from spectra.peft.config import EXCLUDE_NOTE, LEGACY_NOTE
 
 Spectrum = Sequence[float] | np.ndarray  # planted singular values, any order
@@ -241,6 +237,41 @@ def test_recommend_budget_and_patterns() -> None:
     for bad in ({"target": 0.0}, {"target": 1.5}, {"max_rank": 0}, {"budget": 0}):
         with pytest.raises(OptionsError):
             recommend(layers, **bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"target": 0.0}, r"target must be in \(0, 1\], got 0.0"),
+        ({"target": 1.5}, "target must be in"),
+        ({"target": float("nan")}, "target must be in"),
+        ({"max_rank": 0}, "max_rank must be at least 1, got 0"),
+        ({"budget": 0}, "budget must be a positive number of parameters, got 0"),
+        ({"budget": -5}, "budget must be"),
+        ({"task_type": "causal"}, "task_type must be one of CAUSAL_LM"),
+    ],
+)
+def test_recommend_settings_are_validated_on_construction(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(OptionsError, match=message):
+        RecommendSettings(**bad)
+    assert RecommendSettings(task_type=None).task_type is None  # a bare model
+
+
+def test_recommend_takes_a_settings_record_or_its_fields() -> None:
+    layers = decaying_model()
+    settings = RecommendSettings(target=0.8, budget=20_000, rslora=True, base_model="org/base", task_type="SEQ_CLS")
+    rec = recommend(layers, settings)
+    fields = {"target": 0.8, "budget": 20_000, "rslora": True, "base_model": "org/base", "task_type": "SEQ_CLS"}
+    assert rec is not None and rec == recommend(layers, **fields)
+    assert rec.config["task_type"] == "SEQ_CLS" and rec.config["use_rslora"] and rec.budget == 20_000
+    assert recommend(layers, settings, budget=None) == recommend(layers, **{**fields, "budget": None})
+    with pytest.raises(OptionsError, match="max_rank"):
+        recommend(layers, settings, max_rank=0)  # changes are validated like the record
+
+
+def test_task_types_are_peft_task_types() -> None:
+    peft = pytest.importorskip("peft")
+    assert set(TASK_TYPES) == {t.value for t in peft.TaskType}
 
 
 def test_recommend_mixed_ranks_and_exclusions_resolve_exactly() -> None:

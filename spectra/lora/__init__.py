@@ -1,1 +1,1 @@
-"""lora"""
+"""LoRA from spectra: rank allocation (allocate.py) and the recommendation with its settings (recommend.py)."""
