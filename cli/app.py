@@ -1,40 +1,45 @@
-"""The `spectra` command line: parse, build Options, call one library function, display. Exit 1 for input problems,
+"""The `spectra` command line: parse, build settings, call one library function, display. Exit 1 for input problems,
 2 for usage errors, never a traceback for either."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
+import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, cast
+from typing import Annotated, Protocol, cast
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
+from rich.console import RenderableType
 from rich.markup import escape
-from rich.progress import track
 
 import spectra
-from spectra import Analysis, OptionsError, SpectraError, analyze, load_analysis, save_analysis
-from spectra.pipeline import ProgressHook, identity
-from spectra.records import DEFAULT_LORA_RANKS, Options
+from spectra import (
+    Analysis,
+    Options,
+    ProgressHook,
+    RecommendSettings,
+    SpectraError,
+    analyze,
+    load_analysis,
+    save_analysis,
+    write_adapter_config,
+)
 
 from . import display
+from .console import err, out, progress, setup_logging, user_errors, wrote
+from .flags import Verbose, options_flags
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Spectral analysis of fine-tunes: how much rank did ΔW = W_tuned − W_base really learn?",
 )
-out, err = Console(), Console(stderr=True, soft_wrap=True)  # messages never wrap mid-path
-if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
-    out = Console(width=130)
 
 CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
-Checkpoint = Annotated[str, typer.Argument(help=CHECKPOINT_HELP)]
+Checkpoint = Annotated[str, typer.Argument(help=escape(CHECKPOINT_HELP))]  # escape: [@revision] is not markup
 Tuned = Annotated[
     str | None,
     typer.Argument(
@@ -42,45 +47,7 @@ Tuned = Annotated[
         "with one argument, that argument is an adapter analysed alone"
     ),
 ]
-DEFAULT_RANKS_TEXT = ",".join(map(str, DEFAULT_LORA_RANKS))
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(code=code)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn problems the user can fix into one line on stderr and exit 1 (2 for bad settings)."""
-    try:
-        yield
-    except OptionsError as exc:
-        fail(str(exc), code=2)
-    except SpectraError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted; no output was written", code=130)
-
-
-def parse_ranks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise OptionsError(f"--lora-ranks takes comma-separated integers like 8,16,64, got {text!r}") from None
-
-
-def setup_logging(verbose: bool) -> None:
-    if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err)])
-
-
-def progress(description: str) -> ProgressHook:
-    """A progress bar on stderr (a terminal only: logs stay clean), in the shape of the library's progress hook."""
-    if not err.is_terminal:
-        return identity
-    return cast(ProgressHook, partial(track, description=description, console=err, transient=True))
+AnalysisJson = Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")]
 
 
 def show_version(value: bool) -> None:
@@ -97,45 +64,25 @@ def root(
 
 
 @app.command()
+@options_flags
 def rank(
     base: Checkpoint,
     tuned: Tuned = None,
-    threshold: Annotated[float, typer.Option(help="share of ‖ΔW‖_F² the rank must explain, in (0, 1]")] = 0.9,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
     tsv: Annotated[bool, typer.Option(help="print per-matrix rows as TSV instead of tables")] = False,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="fast (Gram + eigvalsh) | exact (float64 SVD)")] = "fast",
-    include: Annotated[str | None, typer.Option(help="analyse only tensors whose name matches this regex")] = None,
-    exclude: Annotated[str | None, typer.Option(help="skip tensors whose name matches this regex")] = None,
-    lora_ranks: Annotated[str, typer.Option(help="LoRA ranks for captured energy")] = DEFAULT_RANKS_TEXT,
-    batch_bytes: Annotated[int | None, typer.Option(help="bytes of ΔW stacked per batch (default: derived)")] = None,
-    threads: Annotated[int | None, typer.Option(help="cap on CPU threads (default: torch's)")] = None,
-    download: Annotated[bool, typer.Option(help="let huggingface_hub fetch a hub id missing from the cache")] = False,
-    verbose: Verbose = False,
+    *,
+    options: Options,
 ) -> None:
     """Print, per matrix, the rank that explains THRESHOLD of ΔW = TUNED − BASE's energy, with the measures around it.
 
     `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
     """
-    setup_logging(verbose)
     with user_errors():
-        options = Options(
-            threshold=threshold,
-            lora_ranks=parse_ranks(lora_ranks),
-            device=device,
-            precision=precision,
-            include=include,
-            exclude=exclude,
-            batch_bytes=batch_bytes,
-            threads=threads,
-            download=download,
-        )
         base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
         analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
         if json_path is not None:
-            save_analysis(analysis, json_path)
-            err.print(f"wrote {escape(str(json_path))}")
+            wrote(save_analysis(analysis, json_path))
         if html is not None:
             write_html(analysis, html)
     if tsv:
@@ -145,15 +92,12 @@ def rank(
 
 
 def write_html(analysis: Analysis, path: Path) -> None:
-    from spectra.report.html import write_report  # matplotlib loads only when a report is asked for
-
-    write_report(analysis, path)
-    err.print(f"wrote {escape(str(path))}")
+    wrote(spectra.write_report(analysis, path))  # matplotlib loads only when a report is asked for
 
 
 @app.command()
 def report(
-    analysis_json: Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")],
+    analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
     """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
@@ -163,7 +107,7 @@ def report(
 
 @app.command()
 def recommend(
-    analysis_json: Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")],
+    analysis_json: AnalysisJson,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="adapter_config.json, or a folder")] = None,
     target: Annotated[float, typer.Option(help="share of ΔW's energy the uniform rank must capture")] = 0.9,
     max_rank: Annotated[int, typer.Option(help="largest uniform rank to recommend")] = 256,
@@ -171,32 +115,50 @@ def recommend(
     rslora: Annotated[bool, typer.Option(help="use rsLoRA scaling (α/√r) with α matched to the same scale")] = False,
     include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
+    task_type: Annotated[str, typer.Option(help="PEFT task_type in the config ('none': a bare model)")] = "CAUSAL_LM",
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
-    from spectra.lora.recommend import recommend as make_recommendation
-    from spectra.lora.recommend import write_adapter_config
-
     with user_errors():
-        if not 0.0 < target <= 1.0:
-            raise OptionsError(f"--target must be in (0, 1], got {target}")
-        if max_rank < 1 or (budget is not None and budget < 1):
-            raise OptionsError("--max-rank and --budget must be positive")
-        analysis = load_analysis(analysis_json)
-        rec = make_recommendation(
-            analysis.layers,
+        settings = RecommendSettings(
             target=target,
             max_rank=max_rank,
             budget=budget,
             rslora=rslora,
             include_embeddings=include_embeddings,
             base_model=base_model,
+            task_type=None if task_type.lower() == "none" else task_type,
         )
+        rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
         if output is not None:
-            written = write_adapter_config(rec, output)
-            err.print(f"wrote {escape(str(written))}")
+            wrote(write_adapter_config(rec, output))
     out.print(display.recommendation_view(rec))
+
+
+class DemoApp(Protocol):
+    """What `spectra demo` calls in `spectra_demo.app`, the demo application shipped beside the library.
+
+    The CLI imports it by name when the command runs (it loads torch, transformers and peft), never at module
+    level. Type checkers cannot resolve `spectra_demo` statically: setuptools maps it onto the folder demo/, which
+    mypy checks as the package `demo`. So the CLI states here the one function it relies on, and
+    tests/test_demo.py checks that `spectra_demo.app.command` has exactly this signature.
+    """
+
+    def command(
+        self,
+        out_dir: Path,
+        *,
+        fresh: bool,
+        threads: int,
+        steps: int,
+        echo: Callable[[str], None],
+        progress: ProgressHook,
+    ) -> RenderableType: ...
+
+
+def demo_app() -> DemoApp:
+    return cast(DemoApp, importlib.import_module("spectra_demo.app"))
 
 
 @app.command()
@@ -208,13 +170,9 @@ def demo(
     verbose: Verbose = False,
 ) -> None:
     """Fine-tune a real model two ways (full, LoRA r=8) on a real task, offline, and compare the ranks learned."""
-    from spectra_demo.app import run_demo
-
     setup_logging(verbose)
     with user_errors():
-        if threads < 1 or steps < 1:
-            raise OptionsError("--threads and --steps must be at least 1")
-        result = run_demo(
+        summary = demo_app().command(
             out_dir,
             fresh=fresh,
             threads=threads,
@@ -222,7 +180,7 @@ def demo(
             echo=lambda line: err.print(escape(line)),
             progress=progress("working"),
         )
-    out.print(display.demo_summary(result))
+    out.print(summary)
 
 
 def main() -> None:

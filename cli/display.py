@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from spectra import Analysis, GroupSummary, LayerMetrics, Recommendation
-
-if TYPE_CHECKING:
-    from spectra_demo.app import DemoResult
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
@@ -112,8 +108,8 @@ def recommendation_view(rec: Recommendation) -> RenderableType:
     lines = [
         Text.assemble(("Recommendation (derived from the spectra): ", "bold"), rec.reason),
         Text(
-            f"  uniform LoRA: r = {rec.uniform_rank}, lora_alpha = {2 * rec.uniform_rank} "
-            f"captures {_pct(rec.uniform_captured)}; target_modules = {', '.join(rec.target_modules)}"
+            f"  uniform LoRA: r = {rec.uniform_rank} captures {_pct(rec.uniform_captured)}; "
+            f"target_modules = {', '.join(rec.target_modules)}"
         ),
         Text(
             f"  per-module ranks at the same budget ({rec.budget:,} parameters) capture "
@@ -203,23 +199,3 @@ def layer_tsv(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> str:
         ]
         rows.append("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values))
     return "\n".join(rows)
-
-
-def demo_summary(result: DemoResult) -> RenderableType:
-    """The demo's headline: median rank per module kind for the full fine-tune vs the LoRA, and where the report is."""
-    threshold = result.full_analysis.options.threshold
-    table = Table(title=f"median rank@{threshold:g} of ΔW per module kind", title_justify="left")
-    table.add_column("module kind")
-    table.add_column("full fine-tune", justify="right")
-    table.add_column(f"LoRA r={result.lora_r}", justify="right")
-    for kind, rank in result.full_ranks.items():
-        lora = result.lora_ranks.get(kind)
-        table.add_row(kind, f"{rank:g}", "-" if lora is None else f"{lora:g}")
-    r = result.retrieval
-    text = Text()
-    text.append(
-        f"held-out top-1 retrieval: base {r['base']:.3f}, full fine-tune {r['full']:.3f}, LoRA {r['lora']:.3f}\n"
-    )
-    text.append(f"largest rank of a merged-LoRA ΔW: {result.lora_max_rank} (≤ r = {result.lora_r})\n")
-    text.append(f"report: {result.report}", style="bold")
-    return Group(table, text)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from conftest import PairFactory, save_checkpoint
+from spectra import Options
 from spectra_cli.app import app
+from spectra_cli.flags import OPTIONS_FLAGS, options_flags
 
 runner = CliRunner()
 
@@ -152,3 +160,138 @@ def test_report_of_a_missing_or_foreign_json(tmp_path: Path) -> None:
     out = tmp_path / "r.html"
     assert_clean_error(invoke("report", tmp_path / "other.json", "-o", out), 1, "not a spectra analysis")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- shared flags, help, defects
+
+
+SHARED_FLAGS = {
+    "--threshold": "share of ‖ΔW‖_F² the rank must explain",
+    "--device": "auto | cpu | cuda",
+    "--precision": "fast (Gram + eigvalsh) | exact (float64 SVD)",
+    "--include": "analyse only tensors whose name matches this regex",
+    "--exclude": "skip tensors whose name matches this regex",
+    "--lora-ranks": "LoRA ranks for captured energy",
+    "--batch-bytes": "bytes of ΔW stacked per batch",
+    "--threads": "cap on CPU threads",
+    "--download": "let huggingface_hub fetch a hub id missing from the cache",
+    "--verbose": "log decisions (skips, batches, device) to stderr",
+}
+EVERY_FLAG = (
+    *("--threshold", "0.5", "--device", "cpu", "--precision", "exact", "--include", "rank8|step"),
+    *("--exclude", "step", "--lora-ranks", "4,8", "--batch-bytes", "4096", "--threads", "1", "--download", "-v"),
+)
+EVERY_OPTION = Options(
+    threshold=0.5,
+    lora_ranks=(4, 8),
+    device="cpu",
+    precision="exact",
+    include="rank8|step",
+    exclude="step",
+    batch_bytes=4096,
+    threads=1,
+    download=True,
+)
+
+
+def help_text(*args: str) -> str:
+    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.stdout.replace("│", " ").split())
+
+
+def test_every_options_field_has_one_shared_flag() -> None:
+    assert set(OPTIONS_FLAGS) == {f.name for f in fields(Options)}
+    assert {f"--{name.replace('_', '-')}" for name in OPTIONS_FLAGS} | {"--verbose"} == set(SHARED_FLAGS)
+
+
+def test_rank_help_lists_the_shared_flags_with_their_help() -> None:
+    text = help_text("rank")
+    for flag, description in SHARED_FLAGS.items():
+        assert flag in text and description in text, flag
+    assert "[default: 8,16,64,256]" in text and "[default: 0.9]" in text  # defaults come from Options()
+
+
+def test_rank_takes_every_shared_flag(planted_pair: PairFactory) -> None:
+    base, tuned, _ = planted_pair()
+    result = invoke("rank", base, tuned, "--tsv", *EVERY_FLAG)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert rows[0][-2:] == ["captured_4", "captured_8"] and [r[0] for r in rows[1:]] == [
+        "model.layers.0.mlp.rank8.weight"
+    ]
+    assert rows[1][3] == "4"  # rank8 at threshold 0.5
+
+
+def test_shared_flags_serve_any_command() -> None:
+    """A second command declares none of the flags and receives the same validated Options."""
+    other = typer.Typer()
+    seen: list[tuple[str, Options]] = []
+
+    @other.command()
+    @options_flags
+    def extract(base: str, out: Annotated[str, typer.Option("-o")] = "x", *, options: Options) -> None:
+        seen.append((out, options))
+
+    result = runner.invoke(other, ["b", "-o", "dir", *EVERY_FLAG])
+    assert result.exit_code == 0, result.output
+    assert seen == [("dir", EVERY_OPTION)]
+    assert runner.invoke(other, ["b"]).exit_code == 0 and seen[-1] == ("x", Options())
+    bad = runner.invoke(other, ["b", "--lora-ranks", "8,x"])
+    assert_clean_error(bad, 2, "--lora-ranks takes comma-separated integers")
+    assert len(seen) == 2  # the command did not run
+
+
+def test_short_help_option() -> None:
+    for args in ((), ("rank",), ("recommend",), ("demo",)):
+        assert help_text(*args) == " ".join(
+            runner.invoke(app, [*args, "-h"], env={"COLUMNS": "200"}).stdout.replace("│", " ").split()
+        )
+    assert "rank [OPTIONS]" in help_text("rank")
+
+
+def test_help_shows_the_revision_syntax() -> None:
+    """rich markup would eat `[@revision]` unless escaped."""
+    assert "org/name[@revision]" in help_text("rank")
+
+
+def test_recommend_display_reads_alpha_from_the_written_config(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    saved = tmp_path / "a.json"
+    assert invoke("rank", base, tuned, "--json", saved).exit_code == 0
+    for flags in (["--rslora"], [], ["--rslora", "--budget", "500"]):
+        result = invoke("recommend", saved, "-o", tmp_path / "adapter", *flags)
+        assert result.exit_code == 0, result.output
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        text = " ".join(result.stdout.split())  # rich wraps long lines
+        shown = re.findall(r"lora_alpha = ([0-9.]+)", text)
+        assert shown and all(float(a) == config["lora_alpha"] for a in shown), (shown, config["lora_alpha"])
+        assert f"config r = {config['r']}," in text
+
+
+def test_recommend_settings_are_validated_once_by_the_library(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    saved = tmp_path / "a.json"
+    assert invoke("rank", base, tuned, "--json", saved).exit_code == 0
+    out = tmp_path / "cfg.json"
+    for flag, value, message in (
+        ("--target", "1.5", "target must be in (0, 1]"),
+        ("--max-rank", "0", "max_rank must be at least 1"),
+        ("--budget", "0", "budget must be a positive number"),
+        ("--task-type", "causal", "task_type must be one of"),
+    ):
+        assert_clean_error(invoke("recommend", saved, flag, value, "-o", out), 2, message)
+        assert not out.exists()
+    result = invoke("recommend", saved, "--task-type", "none", "-o", out)
+    assert result.exit_code == 0 and json.loads(out.read_text())["task_type"] is None
+
+
+def test_demo_flags_are_validated_by_the_demo() -> None:
+    assert_clean_error(invoke("demo", "--threads", "0"), 2, "threads must be at least 1")
+    assert_clean_error(invoke("demo", "--steps", "0"), 2, "steps must be at least 1")
+
+
+def test_cli_module_does_not_import_the_demo() -> None:
+    code = "import sys, spectra_cli.app; print('spectra_demo' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
