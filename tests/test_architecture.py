@@ -1,4 +1,4 @@
-"""The layering of STYLE.md §1, enforced: each module imports only earlier stages; `import spectra` stays light."""
+"""The layering (README, Development), enforced: each module imports only earlier stages; `import spectra` is light."""
 
 from __future__ import annotations
 
@@ -86,18 +86,79 @@ def test_modules_import_only_earlier_stages(path: Path) -> None:
         assert "torch" not in top_level_imports(path), f"{rel} must run without torch"
 
 
+def all_imports(path: Path) -> set[str]:
+    """Every module named by an import anywhere in `path` (function bodies included), absolute imports only."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
 def test_demo_reaches_the_library_only_through_spectra() -> None:
     for path in (ROOT / "demo").glob("*.py"):
+        imported = all_imports(path)
         assert not {"cli", "spectra_cli"} & top_level_imports(path), f"{path.name}: the demo does not use the CLI"
+        assert not {m for m in imported if m.startswith("spectra.")}, f"{path.name}: use `from spectra import ...`"
 
 
 def test_cli_reaches_the_library_only_through_spectra() -> None:
     for path in (ROOT / "cli").glob("*.py"):
+        imported = all_imports(path)
         assert "cli" not in top_level_imports(path), f"{path.name} imports `cli`; use spectra_cli"
+        assert not {m for m in imported if m.startswith("spectra.")}, f"{path.name}: use `from spectra import ...`"
+        assert not {"demo", "spectra_demo"} & {m.split(".")[0] for m in imported}, (
+            f"{path.name}: import the demo lazily"
+        )
+
+
+def environment_writes(path: Path) -> list[int]:
+    """Lines that change the process environment: os.environ[...] = / del, its mutating methods, os.putenv."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else []
+        if isinstance(node, ast.AugAssign):
+            targets = [node.target]
+        for target in targets:
+            if isinstance(target, ast.Subscript) and ast.unparse(target.value).endswith("environ"):
+                lines.append(node.lineno)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner, method = ast.unparse(node.func.value), node.func.attr
+            mutators = {"setdefault", "update", "pop", "popitem", "clear", "__setitem__"}
+            if (owner.endswith("environ") and method in mutators) or method in {"putenv", "unsetenv"}:
+                lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("folder", ["spectra", "demo"])
+def test_no_environment_variable_is_set(folder: str) -> None:
+    """Configuration is passed explicitly (STYLE §6): neither the library nor the demo writes os.environ."""
+    found = {str(p.relative_to(ROOT)): lines for p in (ROOT / folder).rglob("*.py") if (lines := environment_writes(p))}
+    assert not found
+
+
+def test_environment_writes_are_detected(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text('import os\nos.environ["A"] = "1"\nos.environ.setdefault("B", "1")\nos.putenv("C", "1")\n')
+    assert environment_writes(sample) == [2, 3, 4]
 
 
 def test_import_spectra_is_light() -> None:
-    heavy = ("typer", "rich", "matplotlib", "transformers", "peft")
+    heavy = ("typer", "rich", "matplotlib", "jinja2", "transformers", "peft", "spectra_cli", "spectra_demo")
     code = f"import sys, spectra; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_public_api_resolves() -> None:
+    """Every name in spectra.__all__ exists; the report writers are imported on first use only."""
+    code = (
+        "import sys, spectra; "
+        "lazy = 'matplotlib' in sys.modules; "
+        "missing = [n for n in spectra.__all__ if getattr(spectra, n, None) is None]; "
+        "print(lazy, missing, callable(spectra.write_comparison_report), 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "[]", "True", "True"]

@@ -1,6 +1,6 @@
 """Save an Analysis as JSON and load it back into the same records, losslessly (full spectra included).
 
-The JSON follows the contract in DESIGN.md ("format": "spectra.analysis/1", "layers" with "rank",
+The JSON follows the contract in the README, Analysis JSON ("format": "spectra.analysis/1", "layers" with "rank",
 "singular_values", ...). Conversion is driven by the records' type hints, so a new field needs no code here.
 """
 
