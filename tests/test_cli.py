@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
@@ -289,9 +287,3 @@ def test_recommend_settings_are_validated_once_by_the_library(planted_pair: Pair
 def test_demo_flags_are_validated_by_the_demo() -> None:
     assert_clean_error(invoke("demo", "--threads", "0"), 2, "threads must be at least 1")
     assert_clean_error(invoke("demo", "--steps", "0"), 2, "steps must be at least 1")
-
-
-def test_cli_module_does_not_import_the_demo() -> None:
-    code = "import sys, spectra_cli.app; print('spectra_demo' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]

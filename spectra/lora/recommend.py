@@ -128,7 +128,7 @@ def _allocation(targets: Sequence[LayerMetrics], table: SpectraTable, spend: int
     return allocation
 
 
-def _adapter_config(
+def _peft_config(
     layers: Sequence[LayerMetrics], allocation: Mapping[str, int], settings: RecommendSettings
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The PEFT config realising `allocation` over every analysed matrix, and its compatibility notes."""
@@ -197,7 +197,7 @@ def recommend(
     spend = uniform.params if settings.budget is None else settings.budget
     allocation = _allocation(targets, table, spend)
     ranks = np.array(list(allocation.values()))
-    config, notes = _adapter_config(layers, allocation, settings)
+    config, notes = _peft_config(layers, allocation, settings)
     cap_binds = uniform.captured < settings.target * (1 - RANK_RTOL)
     allocation_captured = min(table.captured(ranks) / float(table.energy.sum()), 1.0)
     sentences = [
