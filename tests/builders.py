@@ -41,7 +41,16 @@ def layer_metrics(
     """
     s = np.sort(np.abs(np.asarray(values, dtype=np.float64)))[::-1]
     energy = float(np.sum(s**2))
-    spectrum = Spectrum(name, shape, s, energy, base_norm, dtype, energy if noisy else 0.0, method)
+    spectrum = Spectrum(
+        name=name,
+        shape=shape,
+        s=s,
+        energy=energy,
+        base_norm=base_norm,
+        dtype=dtype,
+        noise_energy=energy if noisy else 0.0,
+        method=method,
+    )
     derived_kind, derived_layer = module_kinds([name])[name]
     return compute_metrics(
         spectrum, options or Options(), kind or derived_kind, layer if layer is not None else derived_layer
