@@ -259,7 +259,8 @@ def recommend(
         raise OptionsError(f"budget {spend} buys no rank: the cheapest matrix costs {spectra.cost.min()} per rank")
     ranks = np.array(list(allocation.values()))
     total = float(spectra.energy.sum())
-    config, notes = build_adapter_config(layers, allocation, rslora=rslora, task_type=task_type, base_model=base_model)
+    kinds = {lm.name: lm.kind for lm in layers}
+    config, notes = build_adapter_config(kinds, allocation, rslora=rslora, task_type=task_type, base_model=base_model)
     cap_binds = uniform.captured < target * (1 - RANK_RTOL)
     allocation_captured = min(spectra.captured(ranks) / total, 1.0)
     if cap_binds:
