@@ -102,47 +102,90 @@ class _Modules:
         )
 
 
-def _pattern(values: Mapping[str, V], modules: _Modules, compress: bool, draft: _Draft) -> tuple[V, dict[str, V]]:
+MODES = ("kind", "module", "exact")  # tried in this order; the first that verifies is returned
+# more rank_pattern + alpha_pattern keys than this, and keys naming one module each are merged into "(?:a|b|...)"
+# keys of one value: PEFT tries every key per module with re.match, and beyond Python's cache of 512 compiled
+# expressions it recompiles each one (thousands of keys made PEFT take minutes to build a model)
+MAX_KEYS = 256
+MAX_GROUP_CHARS = 8000  # per merged key (read_lora_settings refuses keys over 10,000 characters)
+
+
+def _pattern(values: Mapping[str, V], modules: _Modules, mode: str, draft: _Draft) -> tuple[V, dict[str, V]]:
     """(default, pattern) giving every module of `values` its value as PEFT reads a rank_pattern/alpha_pattern.
 
-    The default is the most common value (ties: the larger). With `compress`, a kind whose modules share a value
-    other than the default becomes one key (where it names exactly that kind), other keys drop the module name's
-    first component ("layers.0.self_attn.q_proj", which older PEFT, needing a dot before keys, matches too);
-    otherwise every module gets its full name as a key. Longer keys come first: PEFT takes the first that matches."""
+    The default is the most common value (ties: the larger). Mode "kind": a kind whose modules share a value other
+    than the default becomes one key (where it names exactly that kind), other keys drop the module name's first
+    component ("layers.0.self_attn.q_proj", which older PEFT, needing a dot before keys, matches too); "module":
+    every module's full name is a key; "exact": every module gets "^" + its escaped name, which matches that module
+    alone even when its name ends another one's. Longer keys come first: PEFT takes the first that matches."""
     counts = Counter(values.values())
     default = max(counts, key=lambda v: (counts[v], v))
     pattern: dict[str, V] = {}
     for kind in sorted({modules.kind_of[m] for m in values}):
         active = [m for m in modules.of_kind[kind] if m in values]
         distinct = {values[m] for m in active}
-        if compress and len(distinct) == 1 and kind in modules.key_exact:
+        if mode == "kind" and len(distinct) == 1 and kind in modules.key_exact:
             if (value := distinct.pop()) != default:
                 pattern[literal_pattern(kind)] = value
                 draft.patterned[literal_pattern(kind)] = set(modules.of_kind[kind])
             continue
         for m in active:
-            if values[m] != default or not compress:
-                key = literal_pattern(m.split(".", 1)[-1] if compress else m)
+            if values[m] != default or mode != "kind":
+                key = (
+                    "^" + re.escape(m)
+                    if mode == "exact"
+                    else literal_pattern(m.split(".", 1)[-1] if mode == "kind" else m)
+                )
                 pattern[key] = values[m]
                 draft.patterned[key] = {m}
     return default, dict(sorted(pattern.items(), key=lambda item: -len(item[0])))
 
 
-def _draft(
-    modules: _Modules, ranks: Mapping[str, int], alphas: Mapping[str, float], compress: bool, lists: bool
-) -> _Draft:
+def _grouped(pattern: Mapping[str, V], draft: _Draft) -> dict[str, V]:
+    """`pattern` with its one-module keys merged per value into "(?:a|b|...)" keys of at most MAX_GROUP_CHARS."""
+    out: dict[str, V] = {}
+    groups: dict[V, list[list[str]]] = {}
+    for key, value in pattern.items():
+        if len(draft.patterned[key]) > 1:
+            out[key] = value  # a kind's key
+            continue
+        chunks = groups.setdefault(value, [[]])
+        if sum(len(k) + 1 for k in chunks[-1]) + len(key) + 3 > MAX_GROUP_CHARS:  # "(?:" "|"... ")"
+            chunks.append([])
+        chunks[-1].append(key)
+    for value, chunks in groups.items():
+        for chunk in chunks:
+            key = f"(?:{'|'.join(chunk)})"
+            out[key] = value
+            draft.patterned[key] = set().union(*(draft.patterned[k] for k in chunk))
+    return out
+
+
+def _alternatives(names: Sequence[str]) -> str:
+    """A target_modules/exclude_modules expression (PEFT fullmatches it) naming exactly these modules."""
+    return "|".join(re.escape(m) for m in names)
+
+
+def _draft(modules: _Modules, ranks: Mapping[str, int], alphas: Mapping[str, float], mode: str, lists: bool) -> _Draft:
     """The computed fields realising `ranks` (> 0 only) and `alphas`; with `lists`, also target_modules (a kind's
-    entry where it names exactly that kind, else the modules) and exclude_modules (rank-0 modules a kind entry
-    covers); without, exclude_modules lists every rank-0 module."""
+    entry where it names exactly that kind, else the modules; mode "exact": an expression naming them) and
+    exclude_modules (rank-0 modules a kind entry covers); without, `excluded` holds every rank-0 module."""
     draft = _Draft()
-    r, rank_pattern = _pattern(ranks, modules, compress, draft)
-    alpha, alpha_pattern = _pattern(alphas, modules, compress, draft)
+    r, rank_pattern = _pattern(ranks, modules, mode, draft)
+    alpha, alpha_pattern = _pattern(alphas, modules, mode, draft)
+    if len(rank_pattern) + len(alpha_pattern) > MAX_KEYS:
+        rank_pattern, alpha_pattern = _grouped(rank_pattern, draft), _grouped(alpha_pattern, draft)
     draft.fields = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     if not lists:
-        draft.excluded = [m for m in modules.kind_of if m not in ranks]
-    for kind in sorted({modules.kind_of[m] for m in ranks}) if lists else ():
+        draft.excluded = sorted(m for m in modules.kind_of if m not in ranks)
+        draft.listed = {} if mode == "exact" else {m: {m} for m in draft.excluded}
+        return draft
+    if mode == "exact":
+        draft.fields["target_modules"] = _alternatives([m for m in modules.kind_of if m in ranks])
+        return draft
+    for kind in sorted({modules.kind_of[m] for m in ranks}):
         of_kind = modules.of_kind[kind]
-        if compress and kind in modules.list_exact:
+        if mode == "kind" and kind in modules.list_exact:
             draft.targets.append(kind)
             draft.listed[kind] = set(of_kind)
             draft.excluded += [m for m in of_kind if m not in ranks]
@@ -151,6 +194,7 @@ def _draft(
             draft.listed.update({m: {m} for m in of_kind if m in ranks})
     draft.excluded.sort()
     draft.listed.update({m: {m} for m in draft.excluded})
+    draft.fields["target_modules"] = draft.targets
     return draft
 
 
@@ -289,8 +333,8 @@ def build_adapter_config(
     modules = _Modules.of(kind_of)
     expected = {m: (active[m], float(alpha_of[m])) if m in active else None for m in kind_of}
     problems: list[str] = []
-    for compress in (True, False):
-        draft = _draft(modules, active, alpha_of, compress, lists=True)
+    for mode in MODES:
+        draft = _draft(modules, active, alpha_of, mode, lists=True)
         config: dict[str, Any] = {
             "peft_type": "LORA",
             "task_type": task_type,
@@ -298,7 +342,7 @@ def build_adapter_config(
             "r": draft.fields["r"],
             "lora_alpha": draft.fields["lora_alpha"],
             "use_rslora": rslora,
-            "target_modules": draft.targets,
+            "target_modules": draft.fields["target_modules"],
             "rank_pattern": draft.fields["rank_pattern"],
             "alpha_pattern": draft.fields["alpha_pattern"],
             **({"exclude_modules": draft.excluded} if draft.excluded else {}),
@@ -306,10 +350,10 @@ def build_adapter_config(
         }
         if not (problems := _verify(config, draft, expected)):
             return config, tuple(_notes(config, draft, expected))
-        log.debug("config with %s keys rejected: %s", "per-kind" if compress else "per-module", "; ".join(problems[:5]))
+        log.debug("config with %s keys rejected: %s", mode, "; ".join(problems[:5]))
     if any(saved_hits(names(extra.get("modules_to_save")), m) for m in active):
         raise OptionsError("a ranked module is also in modules_to_save; PEFT never puts a LoRA on those")
-    raise RuntimeError(f"no PEFT config realises the ranks exactly: {'; '.join(problems[:5])}")
+    raise RuntimeError(f"no PEFT config realises the ranks exactly: {'; '.join(problems[:5])}")  # a bug
 
 
 def _kept_alphas(raw: Mapping[str, Any], ranks: Mapping[str, int]) -> dict[str, float]:
@@ -326,11 +370,14 @@ def _kept_alphas(raw: Mapping[str, Any], ranks: Mapping[str, int]) -> dict[str, 
     return out
 
 
-def _excluding(old: Any, modules: Sequence[str]) -> Any:
-    """exclude_modules extended by `modules` (full names): a list grows, a regular expression gains alternatives."""
+def _excluding(old: Any, modules: Sequence[str], exact: bool) -> Any:
+    """exclude_modules extended by `modules` (full names): a list grows; a regular expression, or any value when
+    `exact` (a list entry would also exclude names ending in "." + it), gains alternatives naming them alone."""
+    if not exact and not isinstance(old, str):
+        return [*names(old), *(m for m in modules if m not in names(old))]
     if isinstance(old, str):
-        return "|".join([f"(?:{old})", *(re.escape(m) for m in modules)])
-    return [*names(old), *(m for m in modules if m not in names(old))]
+        return "|".join([f"(?:{old})", _alternatives(modules)])
+    return "|".join([*(rf"(?s:.*\.)?{re.escape(e)}" for e in names(old)), _alternatives(modules)])
 
 
 def resized_config(
@@ -357,13 +404,14 @@ def resized_config(
     modules = _Modules.of({name: kind for name, (kind, _) in module_kinds(list(rank_of)).items()})
     expected = {m: (active[m], float(alpha_of[m])) if m in active else None for m in rank_of}
     problems: list[str] = []
-    for compress in (True, False):
-        draft = _draft(modules, active, alpha_of, compress, lists=False)
+    for mode in MODES:
+        draft = _draft(modules, active, alpha_of, mode, lists=False)
         config = copy.deepcopy(dict(raw))
         config.update(draft.fields)
         if draft.excluded:
-            config["exclude_modules"] = _excluding(raw.get("exclude_modules"), draft.excluded)
-            draft.listed = {m: want for m, want in draft.listed.items() if isinstance(config["exclude_modules"], list)}
+            config["exclude_modules"] = _excluding(raw.get("exclude_modules"), draft.excluded, mode == "exact")
+            if not isinstance(config["exclude_modules"], list):
+                draft.listed = {}
         if not (problems := _verify(config, draft, expected)):
             return config, tuple(_notes(config, draft, expected))
         log.debug("resized config rejected: %s", "; ".join(problems[:5]))

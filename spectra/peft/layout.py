@@ -99,9 +99,12 @@ _LITERAL_ESCAPES = frozenset(string.punctuation)
 _PLAIN = re.compile(r"[^\\^$*+?{}\[\]|()]*")
 
 
-def _fixed(key: str) -> tuple[int, tuple[tuple[int, int], ...], str] | None:
-    """(length, literal spans, their text) of a key that matches exactly one fixed string shape: literal characters
-    and `.` (any character but a newline); None for any other expression (classes, groups, quantifiers, flags...)."""
+def _fixed(key: str) -> tuple[bool, int, tuple[tuple[int, int], ...], str] | None:
+    """(anchored, length, literal spans, their text) of a key that matches one fixed string shape: an optional
+    leading `^`, then literal characters and `.` (any character but a newline); None for any other expression
+    (classes, groups, quantifiers, flags...)."""
+    anchored = key.startswith("^")
+    key = key[anchored:]
     chars: list[str | None] = []
     if _PLAIN.fullmatch(key):  # the common case, e.g. "layers.0.self_attn.q_proj"
         chars = [None if c == "." else c for c in key]
@@ -125,17 +128,42 @@ def _fixed(key: str) -> tuple[int, tuple[tuple[int, int], ...], str] | None:
                 spans[-1] = (spans[-1][0], j + 1)
             else:
                 spans.append((j, j + 1))
-    return len(chars), tuple(spans), "".join(c for c in chars if c is not None)
+    return anchored, len(chars), tuple(spans), "".join(c for c in chars if c is not None)
+
+
+def _split(regex: str) -> list[str]:
+    """`regex` cut at every unescaped "|" (callers then check the parts hold no groups or classes)."""
+    parts, current, i = [], "", 0
+    while i < len(regex):
+        step = 2 if regex[i] == "\\" else 1
+        if regex[i] == "|":
+            parts.append(current)
+            current = ""
+        else:
+            current += regex[i : i + step]
+        i += step
+    return [*parts, current]
+
+
+def _shapes(key: str) -> list[tuple[bool, int, tuple[tuple[int, int], ...], str]] | None:
+    """The fixed shapes a key matches: one, or one per alternative of a "(?:a|b|...)" group of fixed keys (what
+    spectra writes for many modules sharing a value); None for any other expression."""
+    if key.startswith("(?:") and key.endswith(")"):
+        shapes = [_fixed(part) for part in _split(key[3:-1])]
+        return None if None in shapes else shapes  # type: ignore[return-value]
+    fixed = _fixed(key)
+    return None if fixed is None else [fixed]
 
 
 class Patterns:
     """rank_pattern/alpha_pattern keys read once, matched as PEFT's get_pattern_key does (first key in order).
 
-    A key made of literal characters and `.` wildcards (every key spectra writes, most keys users write) matches a
-    newline-free module exactly when the module's last len(key) characters fit it and a dot or the start precedes
-    them, so such keys are indexed by (length, literal positions) and a module finds its keys in a few dictionary
-    lookups, without a regular expression. Other keys, and module names holding a newline (where `.` and `$` differ),
-    are matched with PEFT's own expression, compiled once per key.
+    A key made of literal characters and `.` wildcards, possibly after a `^` (every key spectra writes, most keys
+    users write), matches a newline-free module exactly when the module's last len(key) characters fit it and a
+    dot or the start precedes them (the start only, after `^`), so such keys, and each alternative of a
+    "(?:a|b|...)" group of them, are indexed by (length, literal positions): a module finds its keys in a few
+    dictionary lookups, without a regular expression. Other keys, and module names holding a newline (where `.` and
+    `$` differ), are matched with PEFT's own expression, compiled once.
 
     Raises:
         re.error: a key is not a valid expression inside PEFT's `(.*\\.)?(key)$`.
@@ -145,16 +173,15 @@ class Patterns:
         self.keys = list(dict.fromkeys(keys))
         self.legacy = legacy
         self._regex: dict[int, re.Pattern[str]] = {}
-        self._groups: dict[tuple[int, tuple[tuple[int, int], ...]], dict[str, list[int]]] = {}
+        self._groups: dict[tuple[bool, int, tuple[tuple[int, int], ...]], dict[str, list[int]]] = {}
         self._other: list[int] = []
         for order, key in enumerate(self.keys):
-            fixed = _fixed(key)
-            if fixed is None:
+            shapes = _shapes(key)
+            if shapes is None:
                 self._other.append(order)
                 self._compiled(order)  # fail now on an invalid key
-            else:
-                length, spans, text = fixed
-                self._groups.setdefault((length, spans), {}).setdefault(text, []).append(order)
+            for anchored, length, spans, text in shapes or ():
+                self._groups.setdefault((anchored, length, spans), {}).setdefault(text, []).append(order)
 
     def _compiled(self, order: int) -> re.Pattern[str]:
         if order not in self._regex:
@@ -167,12 +194,12 @@ class Patterns:
             return [i for i in range(len(self.keys)) if self._compiled(i).match(module)]
         found = [i for i in self._other if self._compiled(i).match(module)]
         size = len(module)
-        for (length, spans), table in self._groups.items():
-            start = size - length
-            if start < 0 or (start > 0 and module[start - 1] != ".") or (self.legacy and start == 0):
+        for (anchored, length, spans), table in self._groups.items():
+            start = size - length  # `^` needs the whole name; the legacy `.*\\.^` never matches
+            if start < 0 or (start > 0 and (anchored or module[start - 1] != ".")) or (self.legacy and start == 0):
                 continue
             found += table.get("".join(module[start + a : start + b] for a, b in spans), ())
-        return sorted(found)
+        return sorted(set(found))
 
     def matches(self, module: str) -> list[str]:
         """Every key matching `module`, in the config's order (PEFT uses the first)."""
@@ -217,6 +244,17 @@ def list_hits(entry: str, modules: Iterable[str]) -> set[str]:
     return {m for m in modules if m == entry or m.endswith(f".{entry}")}
 
 
+def _literals(regex: str) -> frozenset[str] | None:
+    """The names an alternation of escaped literals ("a\\.b|c") fullmatches, or None for any other expression."""
+    found = set()
+    for part in _split(regex):
+        fixed = _fixed(part)
+        if fixed is None or fixed[0] or len(fixed[3]) != fixed[1]:  # `^`, or a `.` wildcard
+            return None
+        found.add(fixed[3])
+    return frozenset(found)
+
+
 class Membership:
     """Whether PEFT's check_target_module_exists puts a module in a target_modules or exclude_modules value.
 
@@ -229,6 +267,7 @@ class Membership:
         self.value = value
         self._none = none
         self._regex = re.compile(value) if isinstance(value, str) and value != "all-linear" else None
+        self._names = _literals(value) if self._regex is not None else None  # spectra's own: a set lookup
         self._entries = frozenset(str(v) for v in value) if isinstance(value, (list, tuple, set)) else frozenset()
 
     def __contains__(self, module: object) -> bool:
@@ -236,6 +275,8 @@ class Membership:
             return False
         if self.value is None:
             return self._none
+        if self._names is not None:
+            return module in self._names
         if self._regex is not None:
             return self._regex.fullmatch(module) is not None
         if isinstance(self.value, str):

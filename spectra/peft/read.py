@@ -29,6 +29,7 @@ from spectra.peft.layout import (
 from spectra.records import Skipped
 
 MAX_CONFIG_BYTES = 16 * 2**20  # adapter configs are a few kB; refuse anything absurd before reading it
+MAX_REGEX_CHARS = 10_000  # a pattern key or target_modules expression; module names are a few hundred characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +130,11 @@ def _settings(config: dict[str, Any], file: Path) -> LoraSettings:
         for key, value in pattern.items():
             if not _number(value, integer):
                 raise bad(f"{name}[{key!r:.60}] must be a positive {'integer' if integer else 'finite number'}")
-            _compile(key, bad)
+            _compile(f"{name} key {key!r:.60}", pattern_regex(key), bad)
         patterns[name] = pattern
     for name in ("target_modules", "exclude_modules"):
         if isinstance(config.get(name), str) and config[name] != "all-linear":
-            try:
-                re.compile(config[name])
-            except (re.error, RecursionError, OverflowError) as exc:
-                raise bad(f"{name} {config[name]!r:.60} is not a valid regular expression ({exc})") from None
+            _compile(f"{name} {config[name]!r:.60}", config[name], bad)
     variants = [name for key, name in VARIANTS.items() if config.get(key)]  # init_lora_weights: init only
     return LoraSettings(
         r=r,
@@ -152,14 +150,17 @@ def _settings(config: dict[str, Any], file: Path) -> LoraSettings:
     )
 
 
-def _compile(key: str, bad: Callable[[str], CheckpointError]) -> None:
-    """Compile a pattern key as PEFT does; a global inline flag mid-expression fails on every Python version."""
+def _compile(what: str, regex: str, bad: Callable[[str], CheckpointError]) -> None:
+    """Compile an expression as PEFT will; a global inline flag mid-expression fails on every Python version."""
+    if len(regex) > MAX_REGEX_CHARS:
+        raise bad(f"{what} is longer than {MAX_REGEX_CHARS} characters")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)  # Python 3.10 warns where 3.11 raises
-            re.compile(pattern_regex(key))
+            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": PEFT compiles it alike
+            re.compile(regex)
     except (re.error, DeprecationWarning, RecursionError, OverflowError) as exc:
-        raise bad(f"pattern key {key!r:.60} is not a valid regular expression for PEFT ({exc})") from None
+        raise bad(f"{what} is not a valid regular expression for PEFT ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
