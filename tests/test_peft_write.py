@@ -254,7 +254,9 @@ def test_incomplete_or_wrong_writes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "layout", "match"),
     [
-        (CONFIG, lora_layout("model.layers.0.mlp.down_proj", (8, 8), 4), "not in the config's target_modules"),
+        (CONFIG, lora_layout("model.layers.0.mlp.down_proj", (8, 8), 4), "the config does not adapt it"),
+        ({**CONFIG, "exclude_modules": [Q]}, lora_layout(Q, (8, 8), 4), "the config does not adapt it"),
+        ({**CONFIG, "modules_to_save": ["q_proj"]}, lora_layout(Q, (8, 8), 4), "the config does not adapt it"),
         (CONFIG, lora_layout(Q, (8, 8), 3), "rank 3, but the config gives"),
         ({**CONFIG, "rank_pattern": {"q_proj": 2}}, lora_layout(Q, (8, 8), 4), "config gives .* r=2"),
         (CONFIG, [TensorSpec("base_model.model.q_proj.weight", (4, 4))], "not a LoRA tensor"),

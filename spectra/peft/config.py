@@ -15,21 +15,17 @@ import json
 import logging
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.io.files import write_atomic
 from spectra.names import module_kinds, module_name
+from spectra.peft import keys
 from spectra.peft.layout import (
     VARIANTS,
-    Membership,
     Patterns,
-    list_index,
-    literal_pattern,
     names,
     pattern_value,
     saved_hits,
@@ -50,8 +46,6 @@ COMPUTED = frozenset(
 )
 UNMIRRORED = frozenset({"layers_to_transform", "layers_pattern", "target_parameters", *VARIANTS})
 
-V = TypeVar("V", int, float)
-
 
 def _alpha(r: int, rslora: bool) -> float | int:
     """lora_alpha giving the scale 2 (α/r = 2, or α/√r = 2 with rsLoRA)."""
@@ -66,199 +60,8 @@ def _tidy(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-@dataclass(slots=True)
-class _Draft:
-    """A candidate config's computed fields, and what each key it wrote is meant to match (for verification)."""
-
-    targets: list[str] = field(default_factory=list)
-    excluded: list[str] = field(default_factory=list)
-    fields: dict[str, Any] = field(default_factory=dict)  # r, lora_alpha, rank_pattern, alpha_pattern
-    listed: dict[str, set[str]] = field(default_factory=dict)  # target/exclude list entry -> modules
-    patterned: dict[str, set[str]] = field(default_factory=dict)  # pattern key -> modules
-
-
-@dataclass(frozen=True, slots=True)
-class _Modules:
-    """Every module (targeted or not) grouped by kind, and the kinds one short key names exactly."""
-
-    kind_of: dict[str, str]
-    of_kind: dict[str, list[str]]  # kind -> its modules, in the given order
-    list_exact: frozenset[str]  # kinds whose list entry (target_modules) matches exactly that kind's modules
-    key_exact: frozenset[str]  # kinds whose literal rank_pattern key matches exactly that kind's modules
-
-    @classmethod
-    def of(cls, kind_of: dict[str, str]) -> _Modules:
-        of_kind: dict[str, list[str]] = {}
-        for module, kind in kind_of.items():
-            of_kind.setdefault(kind, []).append(module)
-        listed = list_index(kind_of)
-        keys = {literal_pattern(kind): kind for kind in of_kind}
-        hits = Patterns(keys).hits(kind_of)
-        return cls(
-            kind_of,
-            of_kind,
-            frozenset(k for k, ms in of_kind.items() if listed.get(k) == set(ms)),
-            frozenset(kind for key, kind in keys.items() if hits[key] == set(of_kind[kind])),
-        )
-
-
-MODES = ("kind", "module", "exact")  # tried in this order; the first that verifies is returned
-# more rank_pattern + alpha_pattern keys than this, and keys naming one module each are merged into "(?:a|b|...)"
-# keys of one value: PEFT tries every key per module with re.match, and beyond Python's cache of 512 compiled
-# expressions it recompiles each one (thousands of keys made PEFT take minutes to build a model)
-MAX_KEYS = 256
-MAX_GROUP_CHARS = 8000  # per merged key (read_lora_settings refuses keys over 10,000 characters)
-
-
-def _pattern(values: Mapping[str, V], modules: _Modules, mode: str, draft: _Draft) -> tuple[V, dict[str, V]]:
-    """(default, pattern) giving every module of `values` its value as PEFT reads a rank_pattern/alpha_pattern.
-
-    The default is the most common value (ties: the larger). Mode "kind": a kind whose modules share a value other
-    than the default becomes one key (where it names exactly that kind), other keys drop the module name's first
-    component ("layers.0.self_attn.q_proj", which older PEFT, needing a dot before keys, matches too); "module":
-    every module's full name is a key; "exact": every module gets "^" + its escaped name, which matches that module
-    alone even when its name ends another one's. Longer keys come first: PEFT takes the first that matches."""
-    counts = Counter(values.values())
-    default = max(counts, key=lambda v: (counts[v], v))
-    pattern: dict[str, V] = {}
-    for kind in sorted({modules.kind_of[m] for m in values}):
-        active = [m for m in modules.of_kind[kind] if m in values]
-        distinct = {values[m] for m in active}
-        if mode == "kind" and len(distinct) == 1 and kind in modules.key_exact:
-            if (value := distinct.pop()) != default:
-                pattern[literal_pattern(kind)] = value
-                draft.patterned[literal_pattern(kind)] = set(modules.of_kind[kind])
-            continue
-        for m in active:
-            if values[m] != default or mode != "kind":
-                key = (
-                    "^" + re.escape(m)
-                    if mode == "exact"
-                    else literal_pattern(m.split(".", 1)[-1] if mode == "kind" else m)
-                )
-                pattern[key] = values[m]
-                draft.patterned[key] = {m}
-    return default, dict(sorted(pattern.items(), key=lambda item: -len(item[0])))
-
-
-def _grouped(pattern: Mapping[str, V], draft: _Draft) -> dict[str, V]:
-    """`pattern` with its one-module keys merged per value into "(?:a|b|...)" keys of at most MAX_GROUP_CHARS."""
-    out: dict[str, V] = {}
-    groups: dict[V, list[list[str]]] = {}
-    for key, value in pattern.items():
-        if len(draft.patterned[key]) > 1:
-            out[key] = value  # a kind's key
-            continue
-        chunks = groups.setdefault(value, [[]])
-        if sum(len(k) + 1 for k in chunks[-1]) + len(key) + 3 > MAX_GROUP_CHARS:  # "(?:" "|"... ")"
-            chunks.append([])
-        chunks[-1].append(key)
-    for value, chunks in groups.items():
-        for chunk in chunks:
-            key = f"(?:{'|'.join(chunk)})"
-            out[key] = value
-            draft.patterned[key] = set().union(*(draft.patterned[k] for k in chunk))
-    return out
-
-
-def _alternatives(names: Sequence[str]) -> str:
-    """A target_modules/exclude_modules expression (PEFT fullmatches it) naming exactly these modules."""
-    return "|".join(re.escape(m) for m in names)
-
-
-def _draft(modules: _Modules, ranks: Mapping[str, int], alphas: Mapping[str, float], mode: str, lists: bool) -> _Draft:
-    """The computed fields realising `ranks` (> 0 only) and `alphas`; with `lists`, also target_modules (a kind's
-    entry where it names exactly that kind, else the modules; mode "exact": an expression naming them) and
-    exclude_modules (rank-0 modules a kind entry covers); without, `excluded` holds every rank-0 module."""
-    draft = _Draft()
-    r, rank_pattern = _pattern(ranks, modules, mode, draft)
-    alpha, alpha_pattern = _pattern(alphas, modules, mode, draft)
-    if len(rank_pattern) + len(alpha_pattern) > MAX_KEYS:
-        rank_pattern, alpha_pattern = _grouped(rank_pattern, draft), _grouped(alpha_pattern, draft)
-    draft.fields = {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-    if not lists:
-        draft.excluded = sorted(m for m in modules.kind_of if m not in ranks)
-        draft.listed = {} if mode == "exact" else {m: {m} for m in draft.excluded}
-        return draft
-    if mode == "exact":
-        draft.fields["target_modules"] = _alternatives([m for m in modules.kind_of if m in ranks])
-        return draft
-    for kind in sorted({modules.kind_of[m] for m in ranks}):
-        of_kind = modules.of_kind[kind]
-        if mode == "kind" and kind in modules.list_exact:
-            draft.targets.append(kind)
-            draft.listed[kind] = set(of_kind)
-            draft.excluded += [m for m in of_kind if m not in ranks]
-        else:
-            draft.targets += [m for m in of_kind if m in ranks]
-            draft.listed.update({m: {m} for m in of_kind if m in ranks})
-    draft.excluded.sort()
-    draft.listed.update({m: {m} for m in draft.excluded})
-    draft.fields["target_modules"] = draft.targets
-    return draft
-
-
-@dataclass(frozen=True, slots=True)
-class _Reader:
-    """How PEFT reads one config's targeting and patterns, prepared once for many modules."""
-
-    config: Mapping[str, Any]
-    excluded: Membership
-    targets: Membership
-    saved: tuple[str, ...]
-    rank_keys: Patterns
-    alpha_keys: Patterns
-
-    @classmethod
-    def of(cls, config: Mapping[str, Any], legacy: bool) -> _Reader:
-        return cls(
-            config,
-            Membership(config.get("exclude_modules")),
-            Membership(config.get("target_modules"), none=True),
-            names(config.get("modules_to_save")),
-            Patterns(config["rank_pattern"], legacy),
-            Patterns(config["alpha_pattern"], legacy),
-        )
-
-    def resolve(self, module: str) -> tuple[int, float] | None:
-        """(r, lora_alpha) PEFT gives `module`, or None when it wraps nothing there (exclude_modules,
-        modules_to_save, target_modules, then the first matching pattern keys)."""
-        if module in self.excluded or saved_hits(self.saved, module):
-            return None
-        trusted = bool(self.config.get("layers_to_transform"))  # not mirrored; resized configs keep theirs
-        if not trusted and module not in self.targets:
-            return None
-        r = pattern_value(self.config["rank_pattern"], self.rank_keys, module, self.config["r"])
-        alpha = pattern_value(self.config["alpha_pattern"], self.alpha_keys, module, self.config["lora_alpha"])
-        return int(r), float(alpha)
-
-
-def _verify(
-    config: Mapping[str, Any],
-    draft: _Draft,
-    expected: Mapping[str, tuple[int, float] | None],
-    legacy: bool = False,
-) -> list[str]:
-    """Every way PEFT would read `config` differently from `expected` (module -> (r, alpha), None = no adapter) on
-    those modules, and every key that matches other modules than intended; empty when exact."""
-    problems = []
-    reader = _Reader.of(config, legacy)
-    for keys in (reader.rank_keys, reader.alpha_keys):
-        for key, hits in keys.hits(expected).items():
-            if hits != draft.patterned.get(key):
-                problems.append(f"pattern key {key!r} matches {sorted(hits)[:5]}")
-    index = list_index(expected)
-    for entry, modules in draft.listed.items():
-        if (matched := index.get(entry, set())) != modules:
-            problems.append(f"list entry {entry!r} matches {sorted(matched)[:5]}")
-    for module, want in expected.items():
-        if (got := reader.resolve(module)) != want:
-            problems.append(f"{module}: PEFT would use (r, alpha) = {got}, the config is meant to give {want}")
-    return problems
-
-
-def _notes(config: Mapping[str, Any], draft: _Draft, expected: Mapping[str, tuple[int, float] | None]) -> list[str]:
-    legacy_ok = not _verify(config, draft, expected, legacy=True)
+def _notes(config: Mapping[str, Any], draft: keys.Draft, expected: Mapping[str, tuple[int, float] | None]) -> list[str]:
+    legacy_ok = not keys.verify(config, draft, expected, legacy=True)
     return ([EXCLUDE_NOTE] if draft.excluded else []) + ([] if legacy_ok else [LEGACY_NOTE])
 
 
@@ -330,11 +133,11 @@ def build_adapter_config(
     extra = dict(extra or {})
     if forbidden := sorted(extra.keys() & (COMPUTED | UNMIRRORED)):
         raise OptionsError(f"extra adapter_config fields {forbidden} are computed or not supported")
-    modules = _Modules.of(kind_of)
+    modules = keys.Modules.of(kind_of)
     expected = {m: (active[m], float(alpha_of[m])) if m in active else None for m in kind_of}
     problems: list[str] = []
-    for mode in MODES:
-        draft = _draft(modules, active, alpha_of, mode, lists=True)
+    for mode in keys.MODES:
+        draft = keys.draft_config(modules, active, alpha_of, mode, lists=True)
         config: dict[str, Any] = {
             "peft_type": "LORA",
             "task_type": task_type,
@@ -348,7 +151,7 @@ def build_adapter_config(
             **({"exclude_modules": draft.excluded} if draft.excluded else {}),
             **extra,
         }
-        if not (problems := _verify(config, draft, expected)):
+        if not (problems := keys.verify(config, draft, expected)):
             return config, tuple(_notes(config, draft, expected))
         log.debug("config with %s keys rejected: %s", mode, "; ".join(problems[:5]))
     if any(saved_hits(names(extra.get("modules_to_save")), m) for m in active):
@@ -376,8 +179,8 @@ def _excluding(old: Any, modules: Sequence[str], exact: bool) -> Any:
     if not exact and not isinstance(old, str):
         return [*names(old), *(m for m in modules if m not in names(old))]
     if isinstance(old, str):
-        return "|".join([f"(?:{old})", _alternatives(modules)])
-    return "|".join([*(rf"(?s:.*\.)?{re.escape(e)}" for e in names(old)), _alternatives(modules)])
+        return "|".join([f"(?:{old})", keys.alternatives(modules)])
+    return "|".join([*(rf"(?s:.*\.)?{re.escape(e)}" for e in names(old)), keys.alternatives(modules)])
 
 
 def resized_config(
@@ -401,18 +204,18 @@ def resized_config(
     rank_of = _ranks(ranks)
     active = {m: r for m, r in rank_of.items() if r > 0}
     alpha_of = _alphas(alphas if alphas is not None else _kept_alphas(raw, active), active)
-    modules = _Modules.of({name: kind for name, (kind, _) in module_kinds(list(rank_of)).items()})
+    modules = keys.Modules.of({name: kind for name, (kind, _) in module_kinds(list(rank_of)).items()})
     expected = {m: (active[m], float(alpha_of[m])) if m in active else None for m in rank_of}
     problems: list[str] = []
-    for mode in MODES:
-        draft = _draft(modules, active, alpha_of, mode, lists=False)
+    for mode in keys.MODES:
+        draft = keys.draft_config(modules, active, alpha_of, mode, lists=False)
         config = copy.deepcopy(dict(raw))
         config.update(draft.fields)
         if draft.excluded:
             config["exclude_modules"] = _excluding(raw.get("exclude_modules"), draft.excluded, mode == "exact")
             if not isinstance(config["exclude_modules"], list):
                 draft.listed = {}
-        if not (problems := _verify(config, draft, expected)):
+        if not (problems := keys.verify(config, draft, expected)):
             return config, tuple(_notes(config, draft, expected))
         log.debug("resized config rejected: %s", "; ".join(problems[:5]))
     raise RuntimeError(f"no PEFT config realises the resized ranks exactly: {'; '.join(problems[:5])}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 V = TypeVar("V")
@@ -282,6 +283,44 @@ class Membership:
         if isinstance(self.value, str):
             return True  # "all-linear"
         return any(s in self._entries for s in suffixes(module))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReader:
+    """How PEFT reads one config for a module (check_target_module_exists, then get_pattern_key for r and
+    lora_alpha), prepared once for many modules. Layer filters (layers_to_transform) are not mirrored: a config
+    with one is trusted to target the modules asked about."""
+
+    config: Mapping[str, Any]
+    excluded: Membership
+    targets: Membership
+    saved: tuple[str, ...]
+    rank_keys: Patterns
+    alpha_keys: Patterns
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], legacy: bool = False) -> ConfigReader:
+        return cls(
+            config,
+            Membership(config.get("exclude_modules")),
+            Membership(config.get("target_modules"), none=True),
+            names(config.get("modules_to_save")),
+            Patterns(config.get("rank_pattern") or {}, legacy),
+            Patterns(config.get("alpha_pattern") or {}, legacy),
+        )
+
+    def resolve(self, module: str) -> tuple[int, float] | None:
+        """(r, lora_alpha) PEFT gives `module`, or None when it wraps nothing there (exclude_modules,
+        modules_to_save, target_modules, then the first matching pattern keys)."""
+        if module in self.excluded or saved_hits(self.saved, module):
+            return None
+        if not self.config.get("layers_to_transform") and module not in self.targets:
+            return None
+        r = pattern_value(self.config.get("rank_pattern") or {}, self.rank_keys, module, self.config.get("r", 8))
+        alpha = pattern_value(
+            self.config.get("alpha_pattern") or {}, self.alpha_keys, module, self.config.get("lora_alpha", 8)
+        )
+        return int(r), float(alpha)
 
 
 def saved_hits(entries: Iterable[str], module: str) -> bool:

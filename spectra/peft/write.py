@@ -27,14 +27,7 @@ import torch
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, printable
-from spectra.peft.layout import (
-    LORA_KEY,
-    Membership,
-    Patterns,
-    adapter_key,
-    factor_shapes,
-    pattern_value,
-)
+from spectra.peft.layout import LORA_KEY, ConfigReader, adapter_key, factor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +98,9 @@ def _header(layout: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[
 
 
 def _check_layout(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> None:
-    """Every module of the layout is one PEFT targets under `config`, with the rank its factors have."""
-    targets = Membership(config.get("target_modules"), none=True)
-    rank_keys = Patterns(config.get("rank_pattern") or {})
+    """Every tensor of the layout is a LoRA factor of a module PEFT adapts under `config`, with the config's rank
+    for that module (PEFT would silently leave out factors of a module it does not target)."""
+    reader = ConfigReader.of(config)
     for key, spec in specs.items():
         match = LORA_KEY.match(key)
         if match is None or match["adapter"] or len(spec.shape) not in (1, 2) or min(spec.shape, default=1) < 1:
@@ -115,13 +108,11 @@ def _check_layout(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) ->
         if spec.dtype not in _CODES:
             raise ValueError(f"{key!r}: dtype {spec.dtype} is not one of {sorted(map(str, _CODES))}")
         module, part = match["module"], match["part"]
-        if module not in targets:
-            raise ValueError(f"{module!r}: not in the config's target_modules; PEFT would ignore its factors")
-        if match["param"] != "bias":
-            r = pattern_value(config.get("rank_pattern") or {}, rank_keys, module, config.get("r", 8))
-            rank = spec.shape[0] if part.endswith("A") else spec.shape[-1]
-            if rank != r:
-                raise ValueError(f"{key!r} {spec.shape}: rank {rank}, but the config gives {module!r} r={r}")
+        if (resolved := reader.resolve(module)) is None:
+            raise ValueError(f"{module!r}: the config does not adapt it; PEFT would ignore its factors")
+        rank = spec.shape[0] if part.endswith("A") else spec.shape[-1]
+        if match["param"] != "bias" and rank != resolved[0]:
+            raise ValueError(f"{key!r} {spec.shape}: rank {rank}, but the config gives {module!r} r={resolved[0]}")
 
 
 class AdapterWriter:
