@@ -47,9 +47,12 @@ def peft_first(keys: list[str], module: str) -> str | None:
 module_names = st.lists(st.sampled_from(["a", "b", "q_proj", "1", "11", "x.y", "", "\n", "é", "-"]), max_size=5).map(
     ".".join
 )
+literal_keys = st.one_of(
+    module_names, module_names.map(literal_pattern), module_names.map(lambda m: "^" + re.escape(m))
+)
 keys = st.one_of(
-    module_names,
-    module_names.map(literal_pattern),
+    literal_keys,
+    st.lists(literal_keys, min_size=1, max_size=4).map(lambda ks: f"(?:{'|'.join(ks)})"),  # merged keys
     st.text(alphabet="ab1.q_proj-\\*+?()[]|^$é\n", max_size=8),
 )
 
@@ -148,6 +151,20 @@ def test_nested_names_get_exact_keys(outer: int) -> None:
     assert any("PEFT ≥ 0.15" in n for n in notes)  # older PEFT's `.*\.{key}$` never matches "^..."
     for m in NESTED:
         assert peft_reads(config, m) == ((ranks[m], 2.0 * ranks[m]) if ranks[m] else None), m
+
+
+def test_nested_names_with_merged_exact_keys() -> None:
+    """The exact fallback on a layout with hundreds of keys: anchored names merged into "(?:^a|^b|...)" keys."""
+    modules = [*moe(4, 40), "vision.model.layers.1.block_sparse_moe.experts.3.w1"]
+    rng = random.Random(1)
+    ranks = {m: rng.randint(1, 6) for m in modules}
+    config, _ = build_adapter_config(kinds_of(modules), ranks, rslora=False, task_type=None, base_model=None)
+    assert isinstance(config["target_modules"], str) and len(config["rank_pattern"]) < 20
+    assert all(k.startswith("(?:^") for k in config["rank_pattern"])
+    lora = peft.LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+    for m in modules:
+        assert tuners_utils.check_target_module_exists(lora, m)
+        assert lora.rank_pattern.get(peft_other.get_pattern_key(list(lora.rank_pattern), m), lora.r) == ranks[m]
 
 
 def _tidy(x: float) -> float:
