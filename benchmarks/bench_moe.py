@@ -10,10 +10,11 @@ module kind holds < 1% of the energy and `recommend` targets none); `mixtral` is
 + q/k/v/o_proj + the router `gate`) plus embed_tokens and lm_head, Mixtral-8x7B's names and shapes.
 
 Columns: `mixed` = build_adapter_config + its verification with a random rank per matrix (one rank_pattern key per
-matrix: the worst case), `per-kind` = one rank per module kind (a few keys), `recommend` = the whole recommendation
-from planted spectra (allocation, config, verification), each the best of `--repeat` runs, seconds. The per-matrix
-figure is `mixed` / matrices. `--baseline` runs `recommend` in a child process with PYTHONPATH set to that checkout
-(stopped after `--timeout` s).
+matrix before merging: the worst case), `per-kind` = one rank per module kind (a few keys), `recommend` = the whole
+recommendation from planted spectra (allocation, config, verification), each the best of `--repeat` runs, seconds.
+The per-matrix figure is `mixed` / matrices; `keys` counts the mixed config's rank_pattern keys and `PEFT lookup`
+times PEFT's own get_pattern_key for every module on that config (as LoraModel does when it builds the model).
+`--baseline` runs `recommend` in a child process with PYTHONPATH set to that checkout (stopped after `--timeout` s).
 """
 
 from __future__ import annotations
@@ -62,13 +63,27 @@ def mixtral() -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def time_build(kinds: dict[str, str], ranks: dict[str, int], repeat: int) -> float:
-    best = math.inf
+def time_build(kinds: dict[str, str], ranks: dict[str, int], repeat: int) -> tuple[float, dict[str, Any]]:
+    best, config = math.inf, {}
     for _ in range(repeat):
         start = time.perf_counter()
-        build_adapter_config(kinds, ranks, rslora=False, task_type="CAUSAL_LM", base_model=None)
+        config, _ = build_adapter_config(kinds, ranks, rslora=False, task_type="CAUSAL_LM", base_model=None)
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, config
+
+
+def time_peft(config: dict[str, Any], modules: list[str]) -> str:
+    """PEFT's own per-module lookup (get_pattern_key for r and alpha, as LoraModel does) over every module."""
+    try:
+        from peft.utils.other import get_pattern_key
+    except ImportError:
+        return "-"
+    rank_keys, alpha_keys = list(config["rank_pattern"]), list(config["alpha_pattern"])
+    start = time.perf_counter()
+    for module in modules:
+        get_pattern_key(rank_keys, module)
+        get_pattern_key(alpha_keys, module)
+    return f"{time.perf_counter() - start:.3f}"
 
 
 RECOMMEND = """
@@ -134,14 +149,15 @@ def main(argv: list[str] | None = None) -> None:
         mixed = {name: rng.randint(1, 16) for name in shapes}
         by_kind = {kind: rng.randint(1, 16) for kind in set(kinds.values())}
         per_kind = {name: by_kind[kinds[name]] for name in shapes}
-        t_mixed, t_kind = time_build(kinds, mixed, args.repeat), time_build(kinds, per_kind, args.repeat)
+        (t_mixed, config), (t_kind, _) = time_build(kinds, mixed, args.repeat), time_build(kinds, per_kind, args.repeat)
         row = [label, len(shapes), f"{t_mixed:.3f}", f"{t_mixed / len(shapes) * 1e6:.0f}", f"{t_kind:.3f}"]
+        row += [len(config["rank_pattern"]), time_peft(config, [n.removesuffix(".weight") for n in shapes])]
         row.append(time_recommend(shapes, args.repeat, None, args.timeout))
         if args.baseline:
             row.append(time_recommend(shapes, 1, str(Path(args.baseline).resolve()), args.timeout))
         rows.append(row)
         print("\t".join(map(str, row)), file=sys.stderr, flush=True)
-    header = ["layout", "matrices", "mixed s", "µs/matrix", "per-kind s", "recommend s"]
+    header = ["layout", "matrices", "mixed s", "µs/matrix", "per-kind s", "keys", "PEFT lookup s", "recommend s"]
     header += ["baseline recommend s"] if args.baseline else []
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for line in [header, *rows]:

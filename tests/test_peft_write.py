@@ -290,6 +290,20 @@ def test_refuses_non_empty_output_and_overwrites_atomically(tmp_path: Path) -> N
         AdapterWriter(tmp_path / "file", CONFIG, layout, overwrite=True)
 
 
+def test_overwrite_without_atomic_exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where renameat2(RENAME_EXCHANGE) is missing: old folder moved aside, new one renamed in, old one removed."""
+    import spectra.peft.write
+
+    monkeypatch.setattr(spectra.peft.write, "_exchange", lambda a, b: False)
+    layout = small_layout()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with AdapterWriter(tmp_path / "out", CONFIG, layout, overwrite=True) as writer:
+        fill(writer, layout)
+    assert os.listdir(tmp_path) == ["out"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_output_filled_meanwhile_is_refused_at_commit(tmp_path: Path) -> None:
     layout = small_layout()
     with pytest.raises(OptionsError), AdapterWriter(tmp_path / "out", CONFIG, layout) as writer:

@@ -98,14 +98,17 @@ def _grouped(pattern: Mapping[str, V], draft: Draft) -> dict[str, V]:
     """`pattern` with its one-module keys merged per value into "(?:a|b|...)" keys of at most MAX_GROUP_CHARS."""
     out: dict[str, V] = {}
     groups: dict[V, list[list[str]]] = {}
+    size: dict[V, int] = {}  # characters of the value's last chunk, as written: "(?:" + "a|b" + ")"
     for key, value in pattern.items():
         if len(draft.patterned[key]) > 1:
             out[key] = value  # a kind's key
             continue
         chunks = groups.setdefault(value, [[]])
-        if sum(len(k) + 1 for k in chunks[-1]) + len(key) + 3 > MAX_GROUP_CHARS:  # "(?:" "|"... ")"
+        if size.get(value, 3) + len(key) + 1 > MAX_GROUP_CHARS:
             chunks.append([])
+            size[value] = 3
         chunks[-1].append(key)
+        size[value] = size.get(value, 3) + len(key) + 1
     for value, chunks in groups.items():
         for chunk in chunks:
             key = f"(?:{'|'.join(chunk)})"

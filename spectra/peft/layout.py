@@ -106,10 +106,15 @@ def _fixed(key: str) -> tuple[bool, int, tuple[tuple[int, int], ...], str] | Non
     (classes, groups, quantifiers, flags...)."""
     anchored = key.startswith("^")
     key = key[anchored:]
-    chars: list[str | None] = []
     if _PLAIN.fullmatch(key):  # the common case, e.g. "layers.0.self_attn.q_proj"
-        chars = [None if c == "." else c for c in key]
-    i = len(key) if chars or not key else 0
+        spans, at = [], 0
+        for part in key.split("."):
+            if part:
+                spans.append((at, at + len(part)))
+            at += len(part) + 1
+        return anchored, len(key), tuple(spans), key.replace(".", "")
+    chars: list[str | None] = []
+    i = 0
     while i < len(key):
         c = key[i]
         if c == "\\":
@@ -122,7 +127,7 @@ def _fixed(key: str) -> tuple[bool, int, tuple[tuple[int, int], ...], str] | Non
             return None
         chars.append(None if c == "." else c)
         i += 1
-    spans: list[tuple[int, int]] = []
+    spans = []
     for j, char in enumerate(chars):
         if char is not None:
             if spans and spans[-1][1] == j:
@@ -134,6 +139,8 @@ def _fixed(key: str) -> tuple[bool, int, tuple[tuple[int, int], ...], str] | Non
 
 def _split(regex: str) -> list[str]:
     """`regex` cut at every unescaped "|" (callers then check the parts hold no groups or classes)."""
+    if "\\" not in regex:
+        return regex.split("|")
     parts, current, i = [], "", 0
     while i < len(regex):
         step = 2 if regex[i] == "\\" else 1
