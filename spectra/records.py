@@ -164,7 +164,7 @@ class Factors:
 
 @dataclass(frozen=True, slots=True)
 class LayerMetrics:
-    """Every per-matrix measure (definitions in the README's glossary and METHODS.md)."""
+    """Every per-matrix measure (definitions in the README, "What every number means")."""
 
     name: str  # checkpoint key, verbatim
     shape: tuple[int, int]
@@ -236,7 +236,7 @@ class Recommendation:
     config: dict[str, Any]  # adapter_config.json content, loadable by peft.LoraConfig
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
-    caveat: str  # what captured energy does and does not promise (METHODS.md §1), shown next to the advice
+    caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
 
 
 @dataclass(frozen=True, slots=True)

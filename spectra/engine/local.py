@@ -309,8 +309,9 @@ def _compute_cpu(
     """Results of the reader's items in input order, at most 2·`workers` matrices (a worker that finishes first
     finds the next one queued) and `budget` bytes in flight. Each ΔW's bytes are released from `ledger` as soon as
     its worker is done with it, not when its result is handed over: the reader may be waiting for exactly those
-    bytes while this loop waits for the reader. A result's bytes are charged from submission until it is handed
-    over; finished results are handed over while waiting for the reader (which may wait for their bytes).
+    bytes while this loop waits for the reader. A result's bytes are charged from submission until the caller,
+    having taken it, asks for the next one; finished results are handed over while this loop waits for the reader
+    (which may be waiting for exactly their bytes), so neither waits for the other forever.
 
     Each worker runs single-threaded; a matrix of more than budget/workers bytes runs alone, with `workers`
     threads for its matrix products (its eigensolver stays on one thread). Freed memory is handed back to the
@@ -328,10 +329,10 @@ def _compute_cpu(
                 in_flight -= entry.nbytes
                 done += entry.nbytes
                 running -= entry.running
-                result = entry.future.result()
-                ledger.release(entry.result_bytes)
-                yield entry.job, result
-                del entry, result
+                reserved = entry.result_bytes
+                yield entry.job, entry.future.result()
+                del entry  # the result is the caller's now: its bytes no longer count here
+                ledger.release(reserved)
             if waiting is None and not finished:
                 got = reader.next()  # wakes when a worker finishes, to hand its result over
                 if got is _DONE:
