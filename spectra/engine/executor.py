@@ -31,7 +31,8 @@ class Executor(Protocol):
     reading, a bug in a kernel) in the caller's thread; closing the iterator early must release its resources.
 
     Implementations: spectra.engine.local.LocalExecutor. A distributed one sends the (picklable) jobs and kernel to
-    workers that call spectra.plan.delta.make_delta and kernel.compute themselves, and returns small results only.
+    workers that materialise and compute them themselves (simplest: each worker runs a LocalExecutor on its share,
+    with the Resources of its own device) and sends back the small results only, never tensors.
     """
 
     def run(self, jobs: Sequence[Job], kernel: Kernel[R]) -> Iterator[tuple[Job, R | Skipped]]:

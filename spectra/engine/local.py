@@ -26,8 +26,6 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -36,6 +34,7 @@ from typing import Final, Generic, Protocol, TypeVar, cast
 import torch
 
 from spectra.engine.kernels import Kernel
+from spectra.engine.reader import DONE, Ledger, ReadAhead, Signal
 from spectra.engine.sigma import cpu_threads, full_float32
 from spectra.errors import OptionsError
 from spectra.io.tensors import Handles
@@ -109,13 +108,13 @@ class LocalExecutor:
                 if not self.stacked:
                     workers = torch.get_num_threads()
                     log.info("engine: cpu, %d workers, %s, %d MiB in flight", workers, kernel, budget >> 20)
-                    ledger = _Ledger(budget)
-                    with contextlib.closing(_Reader(items, READER_THREADS, ledger, _item_nbytes)) as reader:
+                    ledger = Ledger(budget)
+                    with contextlib.closing(ReadAhead(items, READER_THREADS, ledger, _item_nbytes)) as reader:
                         yield from _compute_cpu(reader, kernel, budget, workers, ledger)
                 else:
                     log.info("engine: %s, %s, batch budget %d MiB", self.device, kernel, budget >> 20)
                     batches = _batches(_on_device(items, self.device), budget, kernel)
-                    with contextlib.closing(_Reader(batches)) as reader:
+                    with contextlib.closing(ReadAhead(batches)) as reader:
                         for batch in reader:
                             yield from _compute_batch(batch, kernel)
         finally:
@@ -182,117 +181,6 @@ def _item_nbytes(item: Item) -> int:
     return _nbytes(item[1]) if isinstance(item[1], Delta) else 0
 
 
-class _Ledger:
-    """Bytes held: ΔW read ahead and not yet computed, and results not yet handed over. The reader charges and
-    waits; the consumer charges results and releases both."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self._changed = threading.Condition()
-
-    def charge(self, nbytes: int) -> None:
-        with self._changed:
-            self.held += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._changed:
-            self.held -= nbytes
-            self._changed.notify_all()
-
-    def wait_within(self, stop: threading.Event) -> bool:
-        """Block until at most `limit` bytes are held; False if `stop` was set meanwhile."""
-        with self._changed:
-            while self.held > self.limit:
-                if stop.is_set():
-                    return False
-                self._changed.wait(timeout=0.1)
-        return not stop.is_set()
-
-
-class _Signal:
-    """What `_Reader.next` returns instead of an item: the reader is done, or something else happened (a wake)."""
-
-
-_DONE: Final = _Signal()
-_WAKE: Final = _Signal()
-
-
-class _Reader(Generic[T]):
-    """Run `items` on a reader thread, one item ahead; its errors are re-raised in the consumer.
-
-    The reader starts on item i+1 once item i is taken, and waits with i+1 ready until i+1 is taken: it never
-    holds more than one finished item. With a ledger, it also waits before starting an item until the ledger is
-    within its limit, and charges each item's `size` to it (the consumer releases it once the item is done with).
-    Other threads may `wake` a consumer blocked in `next`.
-
-    Args:
-        items: the producer; it runs entirely on the reader thread.
-        reader_threads: torch intra-op threads for the reader (thread counts are per calling thread); None: as is.
-        ledger: bytes held, released by the consumer; None: no limit besides one item ahead.
-        size: an item's bytes for the ledger.
-    """
-
-    def __init__(
-        self,
-        items: Iterator[T],
-        reader_threads: int | None = None,
-        ledger: _Ledger | None = None,
-        size: Callable[[T], int] | None = None,
-    ) -> None:
-        self._items, self._threads, self._ledger, self._size = items, reader_threads, ledger, size
-        self._events: queue.Queue[object] = queue.Queue()
-        self._taken = threading.Semaphore(0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="spectra-reader", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        if self._threads is not None:
-            torch.set_num_threads(self._threads)
-        try:
-            while self._ledger is None or self._ledger.wait_within(self._stop):
-                item = next(self._items, _DONE)
-                if item is _DONE:
-                    self._events.put(_DONE)
-                    return
-                if self._ledger is not None and self._size is not None:
-                    self._ledger.charge(self._size(item))  # type: ignore[arg-type]  # not _DONE: a T
-                self._events.put(item)
-                del item
-                while not self._taken.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            self._events.put(exc)
-
-    def wake(self) -> None:
-        self._events.put(_WAKE)
-
-    def next(self) -> T | _Signal:
-        """The next item (blocking), or _DONE, or _WAKE when `wake` was called first. Raises the reader's errors."""
-        got = self._events.get()
-        if got is _WAKE:
-            return _WAKE
-        self._taken.release()
-        if isinstance(got, BaseException):
-            raise got
-        return got  # type: ignore[return-value]  # a T or _DONE
-
-    def __iter__(self) -> Iterator[T]:
-        while True:
-            got = self.next()
-            if got is _DONE:
-                return
-            if not isinstance(got, _Signal):
-                yield got
-            del got
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclasses.dataclass(slots=True)
 class _Pending(Generic[R]):
     job: Job
@@ -304,7 +192,7 @@ class _Pending(Generic[R]):
 
 
 def _compute_cpu(
-    reader: _Reader[Item], kernel: Kernel[R], budget: int, workers: int, ledger: _Ledger
+    reader: ReadAhead[Item], kernel: Kernel[R], budget: int, workers: int, ledger: Ledger
 ) -> Iterator[tuple[Job, R | Skipped]]:
     """Results of the reader's items in input order, at most 2·`workers` matrices (a worker that finishes first
     finds the next one queued) and `budget` bytes in flight. Each ΔW's bytes are released from `ledger` as soon as
@@ -335,9 +223,9 @@ def _compute_cpu(
                 ledger.release(reserved)
             if waiting is None and not finished:
                 got = reader.next()  # wakes when a worker finishes, to hand its result over
-                if got is _DONE:
+                if got is DONE:
                     finished = True
-                elif not isinstance(got, _Signal):
+                elif not isinstance(got, Signal):
                     waiting = got
                 del got
                 continue
@@ -377,7 +265,7 @@ def _work(box: list[Delta], kernel: Kernel[R], threads: int) -> R:
     return kernel.compute([box.pop()], threads)[0]
 
 
-def _release(ledger: _Ledger, nbytes: int, reader: _Reader[Item], _: object) -> None:
+def _release(ledger: Ledger, nbytes: int, reader: ReadAhead[Item], _: object) -> None:
     ledger.release(nbytes)
     reader.wake()
 
