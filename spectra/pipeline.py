@@ -88,19 +88,7 @@ def analyze_many(
     device = resolve_device(options.device)
     kernel = Values(options.precision)
     executor = LocalExecutor(Resources(str(device), options.threads, options.batch_bytes))
-    with contextlib.ExitStack() as stack:
-        base_ck = None
-        if base_path is not None:
-            base_ck = stack.enter_context(open_checkpoint(base_path, download=options.download))
-        tuned_cks = [stack.enter_context(open_checkpoint(t, download=options.download)) for t in tuned_paths]
-        if base_ck is not None and base_ck.format == "peft-adapter":
-            raise CheckpointError(
-                f"{base_path}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
-                "TUNED (or the adapter alone)"
-            )
-        plans = [_plan_input(base_ck, ck, options, source) for source, ck in enumerate(tuned_cks)]
-        base_info = base_ck.info if base_ck is not None else None
-        tuned_infos = [ck.info for ck in tuned_cks]
+    plans, base_info, tuned_infos = _open_and_plan(base_path, tuned_paths, options)
     spectra: list[list[Spectrum]] = [[] for _ in plans]
     unchanged: list[list[Skipped]] = [[] for _ in plans]
     for job, result in run((job for plan in plans for job in plan.jobs), kernel, executor, progress):
@@ -124,11 +112,27 @@ def analyze_many(
                 plan.notes,
                 (base_info, tuned_infos[source]),
                 str(device),
-                time.perf_counter() - started,
+                started,
                 created,
             )
         )
     return tuple(analyses)
+
+
+def _open_and_plan(
+    base: str | None, tuned: list[str], options: Options
+) -> tuple[list[Plan], CheckpointInfo | None, list[CheckpointInfo]]:
+    """Open every input (headers only), check their roles, and plan each tuned input against the base."""
+    with contextlib.ExitStack() as stack:
+        base_ck = None if base is None else stack.enter_context(open_checkpoint(base, download=options.download))
+        tuned_cks = [stack.enter_context(open_checkpoint(t, download=options.download)) for t in tuned]
+        if base_ck is not None and base_ck.format == "peft-adapter":
+            raise CheckpointError(
+                f"{base}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
+                "TUNED (or the adapter alone)"
+            )
+        plans = [_plan_input(base_ck, ck, options, source) for source, ck in enumerate(tuned_cks)]
+        return plans, (base_ck.info if base_ck is not None else None), [ck.info for ck in tuned_cks]
 
 
 def _plan_input(base: Checkpoint | None, tuned: Checkpoint, options: Options, source: int) -> Plan:
@@ -159,7 +163,7 @@ def _analysis(
     notes: tuple[str, ...],
     infos: tuple[CheckpointInfo | None, CheckpointInfo],
     device: str,
-    elapsed_s: float,
+    started: float,
     created: str,
 ) -> Analysis:
     layers = build_layers(spectra, options)
@@ -174,7 +178,7 @@ def _analysis(
         base_info=infos[0],
         tuned_info=infos[1],
         device=device,
-        elapsed_s=elapsed_s,
+        elapsed_s=time.perf_counter() - started,
         version=version(),
         created=created,
         notes=notes,
