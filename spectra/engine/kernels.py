@@ -92,8 +92,8 @@ class TopK:
 
     Attributes:
         k: triplets wanted, ≥ 1; fewer come back when ΔW has fewer numerically non-zero directions (see Factors).
-        method: "gram" (default: Gram eigenvectors + one Rayleigh–Ritz step, several times faster on large
-            matrices) or "svd" (full float64 SVD, the reference). Factored deltas always use QR of the factors.
+        method: "gram" (default: Gram eigenvectors + one Rayleigh–Ritz step, 2–3.5× faster on a CPU) or "svd"
+            (full float64 SVD, the reference). Factored deltas always use QR of the factors.
     Dense ΔW is materialised in float64: the Gram route squares the condition number, and float32 would lose
     the σ below ~1e-3·σ₁ that extraction and subspace comparisons keep. See topk.py for accuracy.
     """
