@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
 from spectra.io.store import load_analysis, save_analysis
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
-from spectra.pipeline import ProgressHook, analyze, version
+from spectra.pipeline import ProgressHook, analyze, analyze_many, version
 from spectra.records import (
     Analysis,
     CheckpointInfo,
@@ -66,6 +66,7 @@ __all__ = [
     "Summary",
     "__version__",
     "analyze",
+    "analyze_many",
     "load_analysis",
     "recommend",
     "save_analysis",

@@ -642,3 +642,32 @@ def test_inputs_are_never_modified(tmp_path: Path) -> None:
     refused(model / INDEX, "outside")
     refused(tmp_path / "model" / "junk.safetensors", "truncated")
     assert digest(tmp_path) == before
+
+
+def test_an_empty_matrix_with_a_huge_side_is_skipped_not_looped_over(tmp_path: Path) -> None:
+    """Shape (10**15, 0) is legal safetensors (0 bytes); forming its ΔW used to loop 10**15/rows-per-chunk times."""
+    from spectra import Options, analyze
+
+    for name in ("base", "tuned"):
+        header = {
+            "e": {"dtype": "F32", "shape": [10**15, 0], "data_offsets": [0, 0]},
+            "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        }
+        raw = json.dumps(header).encode()
+        data = struct.pack("<4f", 1, 2, 3, 4 if name == "base" else 5)
+        (tmp_path / f"{name}.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    analysis = analyze(str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), Options(device="cpu"))
+    assert [lm.name for lm in analysis.layers] == ["w"]
+    assert {s.name: s.reason for s in analysis.skipped}["e"] == "not-2d"
+
+
+def test_read_tensor_reads_a_scalar(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.io.tensors import read_tensor
+
+    save_file({"s": torch.tensor(3.5)}, tmp_path / "s.safetensors")
+    with open_checkpoint(str(tmp_path / "s.safetensors")) as ck:
+        assert float(read_tensor(ck.entries["s"])) == 3.5
+        assert float(ck.read("s")) == 3.5

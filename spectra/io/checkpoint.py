@@ -14,7 +14,6 @@ nor a symlink lead out), only regular files are opened, and headers are validate
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import stat
@@ -75,11 +74,7 @@ class Checkpoint:
         Raises:
             CheckpointError: the file cannot be read or ends early.
         """
-        entry = self.entries[name]
-        if not entry.shape and rows is None:  # a scalar: read_tensor cannot view a 0-d tensor as bytes
-            flat = None if out is None else out.reshape(1)
-            return read_tensor(dataclasses.replace(entry, shape=(1,)), None, flat, self.handles).reshape(())
-        return read_tensor(entry, rows, out, self.handles)
+        return read_tensor(self.entries[name], rows, out, self.handles)
 
 
 def open_checkpoint(path: str, *, download: bool = False) -> Checkpoint:

@@ -114,6 +114,8 @@ def _unfit(entry: TensorEntry) -> Skipped | None:
         return Skipped(entry.name, "not-float", f"dtype {entry.dtype_name}")
     if len(entry.shape) != 2:
         return Skipped(entry.name, "not-2d", f"{len(entry.shape)}-D, shape {entry.shape}")
+    if 0 in entry.shape:
+        return Skipped(entry.name, "not-2d", f"empty matrix, shape {entry.shape}")
     return None
 
 
