@@ -16,6 +16,7 @@ from spectra.engine.kernels import Values
 from spectra.engine.local import LocalExecutor, resolve_device
 from spectra.errors import CheckpointError, MismatchError, OptionsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.journal import Journal, run_key
 from spectra.lora.recommend import recommend
 from spectra.names import natural_key
 from spectra.plan.adapter import plan_adapter
@@ -38,7 +39,12 @@ def version() -> str:
 
 
 def analyze(
-    base: PathLike | None, tuned: PathLike, options: Options | None = None, *, progress: ProgressHook = identity
+    base: PathLike | None,
+    tuned: PathLike,
+    options: Options | None = None,
+    *,
+    progress: ProgressHook = identity,
+    journal: Journal | None = None,
 ) -> Analysis:
     """Return the spectral analysis of ΔW = tuned − base for every matched 2-D weight.
 
@@ -48,14 +54,17 @@ def analyze(
         tuned: the fine-tuned checkpoint, same layouts, or a PEFT LoRA adapter folder (ΔW = scale·B@A, factored).
         options: settings (threshold, device, precision, filters, download, ...); defaults to Options().
         progress: wraps the stream of computed matrices, e.g. `rich.progress.track` (it has a len()).
+        journal: keep each completed matrix in this resume journal, and take those it holds from an earlier run of
+            the same inputs and settings instead of computing them again (spectra.journal; the caller removes it
+            once the results are saved).
 
     Raises:
         CheckpointError: a checkpoint is missing (or not cached), corrupt, truncated or a pickle; an adapter is not a
             LoRA; BASE is an adapter; no BASE for a dense TUNED.
         MismatchError: no analysable tensor pairs, or nothing changed.
-        OptionsError: device "cuda" without a GPU.
+        OptionsError: device "cuda" without a GPU; a journal held by another run, or none with `resume=True`.
     """
-    (analysis,) = analyze_many(base, [tuned], options, progress=progress)
+    (analysis,) = analyze_many(base, [tuned], options, progress=progress, journal=journal)
     return analysis
 
 
@@ -65,6 +74,7 @@ def analyze_many(
     options: Options | None = None,
     *,
     progress: ProgressHook = identity,
+    journal: Journal | None = None,
 ) -> tuple[Analysis, ...]:
     """Return one Analysis per tuned input against the same base, each equal to `analyze(base, tuned[i])`.
 
@@ -74,7 +84,7 @@ def analyze_many(
     Args:
         base: as for `analyze`; None only when every tuned input is a PEFT adapter.
         tuned: the tuned checkpoints or adapters, at least one.
-        options, progress: as for `analyze` (progress counts the matrices of all inputs).
+        options, progress, journal: as for `analyze` (progress counts the matrices of all inputs still to compute).
 
     Raises:
         as `analyze`, for whichever input is at fault first.
@@ -91,7 +101,13 @@ def analyze_many(
     plans, base_info, tuned_infos = _open_and_plan(base_path, tuned_paths, options)
     spectra: list[list[Spectrum]] = [[] for _ in plans]
     unchanged: list[list[Skipped]] = [[] for _ in plans]
-    for job, result in run((job for plan in plans for job in plan.jobs), kernel, executor, progress):
+    jobs = [job for plan in plans for job in plan.jobs]
+    if journal is None:
+        stream = run(jobs, kernel, executor, progress)
+    else:
+        key = run_key(jobs, kernel=repr(kernel), device=str(device), version=version())
+        stream = journal.stream(jobs, key, lambda rest: run(rest, kernel, executor, progress))
+    for job, result in stream:
         if isinstance(result, Skipped):
             unchanged[job.source].append(result)
         else:
