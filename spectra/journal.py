@@ -325,7 +325,7 @@ def _decode(entry: Any, expected: dict[JobKey, tuple[int, int]]) -> tuple[JobKey
     try:
         if isinstance(skipped := entry.get("skipped"), dict):
             fields = (skipped["name"], skipped["reason"], skipped["detail"])
-            return (key, Skipped(*fields)) if all(isinstance(f, str) for f in fields) else None
+            return (key, Skipped(*fields)) if all(isinstance(f, str) for f in fields) and fields[0] == name else None
         spectrum = entry["spectrum"]
         s = spectrum["s"]
         shape = tuple(spectrum["shape"])
@@ -333,6 +333,7 @@ def _decode(entry: Any, expected: dict[JobKey, tuple[int, int]]) -> tuple[JobKey
         numbers = (spectrum["energy"], spectrum["noise_energy"], 0.0 if base_norm is None else base_norm)
         if (
             shape != expected[key]
+            or spectrum["name"] != name
             or not isinstance(s, list)
             or len(s) > min(shape)
             or not all(type(x) is float and math.isfinite(x) for x in s)
@@ -342,7 +343,7 @@ def _decode(entry: Any, expected: dict[JobKey, tuple[int, int]]) -> tuple[JobKey
         ):
             return None
         return key, Spectrum(
-            name=str(spectrum["name"]),
+            name=name,
             shape=(int(shape[0]), int(shape[1])),
             s=np.asarray(s, dtype=np.float64),
             energy=float(spectrum["energy"]),
