@@ -273,6 +273,23 @@ def test_a_failed_rename_undoes_the_ones_made(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "b.html").read_text() == "old b"  # restored from its hard-linked backup
 
 
+def test_any_writer_that_takes_a_path_can_fill_a_staged_output(tmp_path: Path) -> None:
+    outputs = Outputs()
+    a = outputs.file(tmp_path / "a.json", "--json")
+    b = outputs.file(tmp_path / "b.json", "--summary-json")
+    with outputs:
+        staged = outputs.stage(a)
+        assert staged.suffix == ".json" and staged.parent.name.startswith(".a.json.")  # the name is kept
+        write_atomic(staged, "A")  # a writer with temp files of its own
+        outputs.write_text(b, "B")
+    assert listing(tmp_path) == ["a.json", "b.json"] and a.read_text() == "A"
+    wrong = Outputs()
+    c = wrong.file(tmp_path / "c.json", "--json")
+    with pytest.raises(ValueError, match="--json"), wrong:
+        os.mkdir(wrong.stage(c))  # a writer that made a folder where a file was planned: a bug
+    assert listing(tmp_path) == ["a.json", "b.json"]
+
+
 def test_an_existing_output_is_replaced_and_no_backup_stays(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text("old")
     outputs = Outputs()
@@ -308,7 +325,8 @@ def test_folders_are_staged_and_replace_an_old_one(
     folder = outputs.folder(target, "-o", overwrite=True)
     with outputs:
         staged = outputs.stage(folder)
-        assert staged.is_dir() and staged.parent == tmp_path and not list(staged.iterdir())
+        assert staged.name == "adapter" and staged.parent.parent == tmp_path and not staged.exists()
+        staged.mkdir()  # the writer makes it
         (staged / "adapter_config.json").write_text("{}")
     assert listing(tmp_path) == ["adapter", "adapter/adapter_config.json"]
 
@@ -327,7 +345,9 @@ def test_a_failed_commit_puts_an_old_folder_back(
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda s, d: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(SpectraError, match="nothing was written"), outputs:
-        (outputs.stage(folder) / "new.bin").write_text("new")
+        staged = outputs.stage(folder)
+        staged.mkdir()
+        (staged / "new.bin").write_text("new")
         outputs.write_text(after, "{}")
     monkeypatch.setattr(os, "replace", real_replace)
     assert listing(tmp_path) == ["adapter", "adapter/old.bin"]

@@ -1,32 +1,31 @@
-"""A run's outputs: planned before any compute, written to temp files, renamed into place together at the end.
+"""A run's outputs: planned before any compute, staged in temp folders, moved into place together at the end.
 
     outputs = Outputs(inputs=[base, tuned])
     json_out = outputs.file(json_path, "--json")   # OptionsError now: an input, shared with --html, a folder, ...
     html_out = outputs.file(html_path, "--html")   # None stays None (the output was not asked for)
     with outputs:                                  # SIGINT and SIGTERM raise Interrupted; any failure removes temps
         analysis = analyze(...)
-        outputs.write_text(json_out, to_json(analysis))
+        save_analysis(analysis, outputs.stage(json_out))   # any writer that takes a path
         outputs.write_text(html_out, render_html(analysis))
-    outputs.written                                # every output, renamed into place together on a clean exit
+    outputs.written                                # every output, moved into place together on a clean exit
 
 Planning refuses, before anything runs, an output that resolves to an input file (symlinks followed, hard links
 too), one that would replace an existing file inside an input folder (or is such a folder, or contains an input),
 two outputs that are the same path (or one inside the other's folder), and a path that exists but is a folder, a
 FIFO or a device. New files inside an input folder are allowed (`--json model/analysis.json`).
 
-Writing is all-or-nothing as far as POSIX allows: every output is first written completely to a hidden temp file
-(or folder) next to it; only when all are complete are they renamed into place, one after the other, with signals
-held back; should a rename fail, the ones already made are undone (old files come back from hard-linked backups).
-On any error, Ctrl-C or SIGTERM (turned into the same Interrupted exception while the block runs), every temp file
-and every folder the run created are removed, and existing outputs are left as they were. Only SIGKILL or a power
-cut can leave a hidden `.NAME.*.tmp` behind.
+Writing is all-or-nothing as far as POSIX allows: every output is first written completely under a hidden temp
+folder next to it (`.NAME.XXXXXXXX.tmp/NAME`); only when all are complete are they renamed into place, one after
+the other, with signals held back; should a rename fail, the ones already made are undone (an old file comes back
+from a hard link kept in the temp folder, an old folder from the swap). On any error, Ctrl-C or SIGTERM (turned
+into the same Interrupted exception while the block runs), every temp folder and every folder the run created are
+removed, and existing outputs are left as they were. Only SIGKILL or a power cut can leave a `.NAME.*.tmp` behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import stat
 import tempfile
@@ -44,7 +43,6 @@ from spectra.io.files import (
     fsync_dir,
     interrupts,
     temp_prefix,
-    umask,
 )
 from spectra.names import ADAPTER_WEIGHTS, INDEX_NAME, printable
 
@@ -216,11 +214,11 @@ class Outputs:
     # staging
 
     def write_text(self, target: Path | None, text: str) -> None:
-        """Write `text` (UTF-8) as the whole content of planned output file `target`, into its temp file, now.
-        None does nothing (an output that was not asked for).
+        """Write `text` (UTF-8) as the whole content of planned output file `target`, staged now. None does nothing
+        (an output that was not asked for).
 
         Raises:
-            SpectraError: the temp file cannot be written (disk full, permissions).
+            SpectraError: the staged file cannot be written (disk full, permissions).
         """
         if target is not None:
             self.write_bytes(target, text.encode("utf-8"))
@@ -229,21 +227,21 @@ class Outputs:
         """As `write_text`, for bytes."""
         if target is None:
             return
-        tmp = self.stage(target)
+        staged = self.stage(target)
         try:
-            with open(tmp, "wb") as fh:
+            with open(staged, "xb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
         except OSError as exc:
             raise _cannot_write(self._outputs[target].label, exc) from None
 
     def stage(self, target: Path) -> Path:
-        """A new, empty temp file (or folder, for a planned folder) next to `target` for the caller to fill; it is
-        renamed to `target` at commit. Staging again replaces the previous temp.
+        """Where to write planned output `target` now: a path with `target`'s name inside a new hidden temp folder
+        next to it (`.NAME.XXXXXXXX.tmp/NAME`), not yet created. Any writer that takes a path can write it (a file;
+        a folder for a planned folder: `AdapterWriter(outputs.stage(folder), ...)`); it is moved to `target` at
+        commit. Staging again discards what was staged before.
 
         Raises:
-            SpectraError: the temp cannot be created.
+            SpectraError: the temp folder cannot be created.
             KeyError: `target` was not planned (a bug in the caller).
         """
         output = self._outputs[target]
@@ -251,17 +249,10 @@ class Outputs:
             self._drop_temp(output)
             try:
                 self._make_parents(target.parent)
-                if output.folder:
-                    output.temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"))
-                    os.chmod(output.temp, 0o777 & ~umask())  # mkdtemp makes 0700
-                else:
-                    fd, name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
-                    os.close(fd)
-                    output.temp = Path(name)
-                    os.chmod(output.temp, 0o666 & ~umask())  # mkstemp makes 0600
+                output.temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"))
             except OSError as exc:
                 raise _cannot_write(output.label, exc) from None
-        return output.temp
+        return output.temp / target.name
 
     def _make_parents(self, folder: Path) -> None:
         missing = []
@@ -275,22 +266,24 @@ class Outputs:
     # committing
 
     def commit(self) -> tuple[Path, ...]:
-        """Rename every staged output into place, together; remove transient files; returns (and sets) `written`.
+        """Move every staged output into place, together; remove transient files; returns (and sets) `written`.
 
         Raises:
             SpectraError: a rename failed (the renames made are undone, the temps removed).
-            ValueError: a planned output was never staged (a bug in the caller).
+            ValueError: a planned output was never staged or its writer wrote nothing (a bug in the caller).
         """
-        if missing := [o.flag for o in self._outputs.values() if o.temp is None]:
+        if missing := [o.flag for o in self._outputs.values() if not _staged_ok(o)]:
             self.abort()
             raise ValueError(f"outputs planned but never written: {', '.join(missing)}")
         with critical():
             undo: list[Callable[[], None]] = []
-            finish: list[Callable[[], None]] = []
             current = None
             try:
                 for current in self._outputs.values():
-                    self._publish(current, undo, finish)
+                    assert current.temp is not None
+                    _sync(current.temp / current.target.name)
+                    publish = _publish_folder if current.folder else _publish_file
+                    publish(current.temp, current.target, undo)
                 for folder in {o.target.parent for o in self._outputs.values()}:
                     fsync_dir(folder)
             except OSError as exc:
@@ -300,30 +293,18 @@ class Outputs:
                 self.abort()
                 label = current.label if current is not None else "?"
                 raise SpectraError(f"{label}: cannot write ({exc.strerror or exc}); nothing was written") from None
-            for step in finish:
-                with contextlib.suppress(OSError):
-                    step()
+            for output in self._outputs.values():
+                self._drop_temp(output)  # the temp folders, holding replaced old files if any
             for path in self._transient:
                 with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
-            for output in self._outputs.values():
-                output.temp = None
             self.written = tuple(self._outputs)
             self._created = []
         return self.written
 
-    def _publish(self, output: _Output, undo: list[Callable[[], None]], finish: list[Callable[[], None]]) -> None:
-        """Move one staged output into place, recording how to undo it and what to clean up once all are in place."""
-        tmp, target = output.temp, output.target
-        assert tmp is not None
-        if output.folder:
-            _publish_folder(tmp, target, undo, finish)
-        else:
-            _publish_file(tmp, target, undo, finish)
-
     def abort(self) -> None:
-        """Remove every temp file and folder, and the folders made for the outputs; outputs stay as they were.
-        Transient files (a resume journal) are kept."""
+        """Remove every temp folder and the folders made for the outputs; outputs stay as they were. Transient files
+        (a resume journal) are kept."""
         with critical():
             for output in self._outputs.values():
                 self._drop_temp(output)
@@ -334,7 +315,7 @@ class Outputs:
 
     def _drop_temp(self, output: _Output) -> None:
         if output.temp is not None:
-            _remove(output.temp)
+            shutil.rmtree(output.temp, ignore_errors=True)
             output.temp = None
 
     def __enter__(self) -> Outputs:
@@ -415,52 +396,68 @@ def _check_writable(target: Path, label: str) -> None:
         raise SpectraError(f"{label}: cannot write in {shown(folder)} (permission denied); choose another path")
 
 
-def _publish_file(tmp: Path, target: Path, undo: list[Callable[[], None]], finish: list[Callable[[], None]]) -> None:
+def _staged_ok(output: _Output) -> bool:
+    if output.temp is None:
+        return False
+    staged = output.temp / output.target.name
+    return staged.is_dir() if output.folder else staged.is_file() and not staged.is_symlink()
+
+
+def _sync(staged: Path) -> None:
+    """fsync a staged file, or every file of a staged folder, and the folders holding them."""
+    for folder, _, files in os.walk(staged) if staged.is_dir() else [(str(staged.parent), [], [staged.name])]:
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def _publish_file(temp: Path, target: Path, undo: list[Callable[[], None]]) -> None:
+    """Move `temp/NAME` to `target`, keeping a hard link to an old `target` in `temp` to put back on undo."""
+    staged, backup = temp / target.name, temp / ".old"
     existed = os.path.lexists(target)
-    backup = _backup_file(target) if existed else None
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
-        raise
-    if backup is not None:
+    kept = existed and os.path.isfile(target) and not os.path.islink(target) and _link(target, backup)
+    os.replace(staged, target)
+    if kept:
         undo.append(lambda: os.replace(backup, target))
-        finish.append(lambda: backup.unlink())
     elif not existed:
         undo.append(lambda: target.unlink())
 
 
-def _publish_folder(tmp: Path, target: Path, undo: list[Callable[[], None]], finish: list[Callable[[], None]]) -> None:
+def _publish_folder(temp: Path, target: Path, undo: list[Callable[[], None]]) -> None:
+    """Move `temp/NAME` to `target`: over a missing or empty folder, else swapped with the old one (kept in `temp`
+    until the end, to put back on undo)."""
+    staged = temp / target.name
     if not os.path.lexists(target) or not _non_empty(target):
         existed = os.path.lexists(target)
-        os.rename(tmp, target)  # replaces an empty folder
+        os.rename(staged, target)  # replaces an empty folder
 
         def take_back() -> None:
-            os.rename(target, tmp)
+            os.rename(target, staged)
             if existed:
                 target.mkdir()
 
         undo.append(take_back)
         return
-    if exchange(tmp, target):  # tmp now holds the old folder
-        undo.append(lambda: _swap(tmp, target))
-        finish.append(lambda: _remove(tmp))
+    if exchange(staged, target):  # staged now holds the old folder
+        undo.append(lambda: _swap(staged, target))
         return
-    old = target.with_name(f"{temp_prefix(target)}{secrets.token_hex(4)}.old")
+    old = temp / ".old"
     os.rename(target, old)
     try:
-        os.rename(tmp, target)
+        os.rename(staged, target)
     except OSError:
         os.rename(old, target)
         raise
 
     def put_back() -> None:
-        os.rename(target, tmp)
+        os.rename(target, staged)
         os.rename(old, target)
 
     undo.append(put_back)
-    finish.append(lambda: _remove(old))
 
 
 def _swap(a: Path, b: Path) -> None:
@@ -468,24 +465,12 @@ def _swap(a: Path, b: Path) -> None:
         raise OSError(f"cannot swap {a} and {b} back")
 
 
-def _backup_file(target: Path) -> Path | None:
-    """A hard link to the existing `target` (to restore it should a later rename fail), or None."""
-    if not os.path.isfile(target) or os.path.islink(target):
-        return None
-    backup = target.with_name(f"{temp_prefix(target)}{secrets.token_hex(4)}.old")
+def _link(target: Path, backup: Path) -> bool:
     try:
         os.link(target, backup)
     except OSError:
-        return None
-    return backup
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _cannot_write(label: str, exc: OSError) -> SpectraError:
