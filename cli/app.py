@@ -26,8 +26,9 @@ from spectra import (
 )
 
 from . import display
-from .console import err, out, progress, setup_logging, user_errors, wrote
+from .console import err, out, progress, run, setup_logging, user_errors
 from .flags import Verbose, options_flags
+from .outputs import Resume, resume_journal, wrote_all
 
 app = typer.Typer(
     add_completion=False,
@@ -71,6 +72,7 @@ def rank(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
     tsv: Annotated[bool, typer.Option(help="print per-matrix rows as TSV instead of tables")] = False,
+    resume: Resume = None,
     *,
     options: Options,
 ) -> None:
@@ -78,13 +80,17 @@ def rank(
 
     `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
     """
-    with user_errors():
-        base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
-        analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
-        if json_path is not None:
-            wrote(save_analysis(analysis, json_path))
-        if html is not None:
-            write_html(analysis, html)
+    base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
+    outputs = spectra.Outputs([base_path, tuned_path])
+    with user_errors(outputs), outputs:
+        json_out, html_out = outputs.file(json_path, "--json"), outputs.file(html, "--html")
+        journal = resume_journal(outputs, json_out or html_out, resume)
+        analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"), journal=journal)
+        if json_out is not None:
+            save_analysis(analysis, outputs.stage(json_out))
+        if html_out is not None:
+            write_html(analysis, outputs.stage(html_out))
+    wrote_all(outputs)
     if tsv:
         typer.echo(display.layer_tsv(analysis.layers, options.lora_ranks))
     else:
@@ -92,7 +98,7 @@ def rank(
 
 
 def write_html(analysis: Analysis, path: Path) -> None:
-    wrote(spectra.write_report(analysis, path))  # matplotlib loads only when a report is asked for
+    spectra.write_report(analysis, path)  # matplotlib loads only when a report is asked for
 
 
 @app.command()
@@ -101,8 +107,11 @@ def report(
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
     """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
-    with user_errors():
-        write_html(load_analysis(analysis_json), output)
+    outputs = spectra.Outputs([analysis_json])
+    with user_errors(outputs), outputs:
+        target = outputs.file(output, "--output")
+        write_html(load_analysis(analysis_json), outputs.stage(target))
+    wrote_all(outputs)
 
 
 @app.command()
@@ -118,7 +127,9 @@ def recommend(
     task_type: Annotated[str, typer.Option(help="PEFT task_type in the config ('none': a bare model)")] = "CAUSAL_LM",
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
-    with user_errors():
+    outputs = spectra.Outputs([analysis_json])
+    with user_errors(outputs), outputs:
+        config_out = outputs.file(config_path(output), "--output")
         settings = RecommendSettings(
             target=target,
             max_rank=max_rank,
@@ -131,9 +142,15 @@ def recommend(
         rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
-        if output is not None:
-            wrote(write_adapter_config(rec, output))
+        if config_out is not None:
+            write_adapter_config(rec, outputs.stage(config_out))
+    wrote_all(outputs)
     out.print(display.recommendation_view(rec))
+
+
+def config_path(output: Path | None) -> Path | None:
+    """The adapter_config.json that `recommend -o OUTPUT` writes: OUTPUT itself if it ends in .json, else inside."""
+    return output if output is None or output.suffix.lower() == ".json" else output / "adapter_config.json"
 
 
 class DemoApp(Protocol):
@@ -184,7 +201,7 @@ def demo(
 
 
 def main() -> None:
-    app()
+    run(app)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
+from spectra.io.files import Interrupted, interrupts
+from spectra.io.outputs import Outputs
 from spectra.io.store import load_analysis, save_analysis
+from spectra.journal import Journal, journal_path
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
 from spectra.pipeline import ProgressHook, analyze, analyze_many, version
 from spectra.records import (
@@ -52,10 +55,13 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "GroupSummary",
+    "Interrupted",
+    "Journal",
     "LayerMetrics",
     "MismatchError",
     "Options",
     "OptionsError",
+    "Outputs",
     "ProgressHook",
     "RankOption",
     "RecommendSettings",
@@ -67,6 +73,8 @@ __all__ = [
     "__version__",
     "analyze",
     "analyze_many",
+    "interrupts",
+    "journal_path",
     "load_analysis",
     "recommend",
     "save_analysis",

@@ -128,6 +128,17 @@ class Journal:
         self._fh: IO[bytes] | None = None
         self._synced = 0.0
 
+    @staticmethod
+    def completed(path: str | os.PathLike[str]) -> int:
+        """How many matrices journal `path` holds (0 when there is none, or it is not a journal), for messages."""
+        try:
+            with open(path, "rb") as fh:
+                if not fh.readline().startswith(_line({"format": FORMAT})[:-2]):
+                    return 0
+                return sum(1 for line in fh if line.endswith(b"\n"))
+        except OSError:
+            return 0
+
     def stream(
         self,
         jobs: Sequence[Job],

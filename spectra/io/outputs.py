@@ -141,10 +141,21 @@ class Outputs:
         self._given = [os.fspath(i) for i in inputs if i is not None]
         self._inputs: _Inputs | None = None
         self._outputs: dict[Path, _Output] = {}
-        self._transient: dict[Path, str] = {}
+        self._transient: dict[Path, str] = {}  # resolved path -> as given
+        self._transient_what: dict[Path, str] = {}
         self._created: list[Path] = []  # folders made for the outputs, outermost first
         self._stack: contextlib.ExitStack | None = None
         self.written: tuple[Path, ...] = ()
+
+    def label(self, target: Path) -> str:
+        """Planned output `target` as the user gave it, control characters escaped (for messages)."""
+        output = self._outputs.get(target)
+        return output.label if output is not None else self._transient.get(target, shown(target))
+
+    @property
+    def transients(self) -> tuple[Path, ...]:
+        """The transient files planned (a resume journal); they stay on disk when the run fails or is interrupted."""
+        return tuple(self._transient)
 
     # planning
 
@@ -184,7 +195,8 @@ class Outputs:
         target, given = _resolve(path)
         label = shown(path)
         self._check(target, given, what, label, folder=False)
-        self._transient[target] = f"{what} {label}"
+        self._transient[target] = label
+        self._transient_what[target] = what
         return target
 
     def _plan(self, path: PathLike, flag: str, *, folder: bool, overwrite: bool) -> Path:
@@ -204,7 +216,7 @@ class Outputs:
         if (problem := self._inputs.problem(target, given, folder)) is not None:
             raise OptionsError(f"{flag} {label} {problem}; write the output somewhere else")
         others = [(o.target, f"{o.flag} {o.label}", o.folder) for o in self._outputs.values()]
-        others += [(path, what, False) for path, what in self._transient.items()]
+        others += [(path, f"{self._transient_what[path]} {name}", False) for path, name in self._transient.items()]
         for other, other_name, other_folder in others:
             if other == target:
                 raise OptionsError(f"{other_name} and {flag} {label} are the same file; give each its own path")
