@@ -9,7 +9,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from spectra import Analysis, GroupSummary, LayerMetrics, Recommendation
+from spectra import Analysis, GroupSummary, LayerMetrics, Recommendation, printable
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
@@ -34,13 +34,14 @@ def layer_table(analysis: Analysis) -> Table:
     """One row per analysed matrix."""
     opts = analysis.options
     names = short_names([m.name for m in analysis.layers])
-    what = f"{analysis.tuned} − {analysis.base}" if analysis.base else f"{analysis.tuned} (adapter alone)"
+    tuned, base = printable(str(analysis.tuned)), printable(str(analysis.base))
+    what = f"{tuned} − {base}" if analysis.base else f"{tuned} (adapter alone)"
     table = Table(title=f"ΔW spectra: {what}", title_justify="left")
     for col in ("matrix", "shape", f"rank@{opts.threshold:g}", "random", "stable", "effective", "‖ΔW‖/‖W‖"):
         table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")
     table.add_column(f"E(r) % at r={'/'.join(map(str, opts.lora_ranks))}", justify="right")
     for m in analysis.layers:
-        name = Text(names[m.name]) + (Text(" noisy", style="yellow") if m.noisy else Text(""))
+        name = Text(printable(names[m.name])) + (Text(" noisy", style="yellow") if m.noisy else Text(""))
         table.add_row(
             name,
             f"{m.shape[0]}×{m.shape[1]}",
@@ -67,7 +68,7 @@ def summary_table(title: str, groups: Sequence[GroupSummary], lora_ranks: Sequen
     for g in groups:
         noisy = Text(f" ({g.n_noisy} noisy)", style="yellow") if g.n_noisy else Text("")
         table.add_row(
-            Text(g.key) + noisy,
+            Text(printable(g.key)) + noisy,
             str(g.n),
             f"{g.median_rank:g}",
             str(g.max_rank),
@@ -109,7 +110,7 @@ def recommendation_view(rec: Recommendation) -> RenderableType:
         Text.assemble(("Recommendation (derived from the spectra): ", "bold"), rec.reason),
         Text(
             f"  uniform LoRA: r = {rec.uniform_rank} captures {_pct(rec.uniform_captured)}; "
-            f"target_modules = {', '.join(rec.target_modules)}"
+            f"target_modules = {printable(', '.join(rec.target_modules))}"
         ),
         Text(
             f"  per-module ranks at the same budget ({rec.budget:,} parameters) capture "
@@ -150,7 +151,7 @@ def headline(analysis: Analysis) -> Text:
         f"{analysis.elapsed_s:.1f} s on {analysis.device}, precision {opts.precision}."
     )
     for note in analysis.notes:
-        text.append(f"\nnote: {note}", style="yellow")
+        text.append(f"\nnote: {printable(note)}", style="yellow")
     return text
 
 
@@ -182,7 +183,7 @@ def layer_tsv(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> str:
     rows = ["\t".join(head)]
     for m in layers:
         values = [
-            m.name,
+            printable(m.name),
             m.shape[0],
             m.shape[1],
             m.rank,

@@ -19,6 +19,7 @@ from spectra.io.outputs import Outputs
 from spectra.io.store import load_analysis, save_analysis
 from spectra.journal import Journal, journal_path
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
+from spectra.names import printable
 from spectra.pipeline import ProgressHook, analyze, analyze_many, version
 from spectra.records import (
     Analysis,
@@ -76,6 +77,7 @@ __all__ = [
     "interrupts",
     "journal_path",
     "load_analysis",
+    "printable",
     "recommend",
     "save_analysis",
     "write_adapter_config",

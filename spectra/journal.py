@@ -127,6 +127,8 @@ class Journal:
         self.note: str | None = None
         self._fh: IO[bytes] | None = None
         self._synced = 0.0
+        self._records = 0  # appended by this run
+        self._created: list[Path] = []  # folders made for the journal, outermost first
 
     @staticmethod
     def completed(path: str | os.PathLike[str]) -> int:
@@ -174,7 +176,7 @@ class Journal:
         header = {"format": FORMAT, "key": key}
         expected = {(job.source, job.name): job.shape for job in jobs}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._make_parents()
             fh = open(self.path, "a+b")  # noqa: SIM115 - held open for the run
         except OSError as exc:
             raise self._error(exc) from None
@@ -215,6 +217,7 @@ class Journal:
         try:
             self._fh.write(line)
             self._fh.flush()
+            self._records += 1
             if time.monotonic() - self._synced > SYNC_EVERY_S:
                 os.fsync(self._fh.fileno())
                 self._synced = time.monotonic()
@@ -222,13 +225,32 @@ class Journal:
             raise self._error(exc) from None
 
     def close(self) -> None:
-        """Flush and close the file (it stays on disk)."""
-        if self._fh is not None:
-            with contextlib.suppress(OSError):
-                self._fh.flush()
+        """Flush and close the file; it stays on disk if it holds any matrix (else it is removed, with the folders
+        made for it: a run that failed before completing one leaves nothing)."""
+        if self._fh is None:
+            return
+        empty = self._records == 0 and self.resumed == 0
+        with contextlib.suppress(OSError):
+            self._fh.flush()
+            if not empty:
                 os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        if empty:
+            self.path.unlink(missing_ok=True)  # before closing: the lock still keeps other runs out
+        self._fh.close()
+        self._fh = None
+        if empty:
+            for folder in reversed(self._created):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+
+    def _make_parents(self) -> None:
+        missing, folder = [], self.path.parent
+        while not os.path.lexists(folder):
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            path.mkdir()
+            self._created.append(path)
 
     def remove(self) -> None:
         """Delete the journal (the run's outputs are written)."""

@@ -132,17 +132,24 @@ def write_temp(target: Path, data: bytes) -> Path:
     Raises:
         OSError: the folder is not writable, the disk is full, ...
     """
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
-    tmp = Path(name)
+    tmp: Path | None = None
+    fd = -1
     try:
+        with critical():  # created and named in one step: an interrupt cannot orphan it
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target), suffix=".tmp")
+            tmp = Path(name)
         with os.fdopen(fd, "wb") as fh:
+            fd = -1
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600
     except BaseException:
         with critical():
-            tmp.unlink(missing_ok=True)
+            if fd >= 0:
+                os.close(fd)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         raise
     return tmp
 
@@ -157,17 +164,19 @@ def write_atomic(path: Path, text: str) -> Path:
         SpectraError: the file cannot be written (permissions, disk full, ...).
     """
     with interrupts():
+        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = write_temp(path, text.encode("utf-8"))
             with critical():
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
+                os.replace(tmp, path)
+                tmp = None
         except OSError as exc:
             raise SpectraError(f"{path}: cannot write ({exc.strerror or exc}); check the folder is writable") from None
+        finally:
+            if tmp is not None:
+                with critical():
+                    tmp.unlink(missing_ok=True)
     return path
 
 

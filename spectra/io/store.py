@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 import types
 import typing
 from pathlib import Path, PurePath
@@ -18,6 +20,7 @@ import numpy as np
 
 from spectra.errors import SpectraError
 from spectra.io.files import write_atomic
+from spectra.names import printable
 from spectra.records import Analysis
 
 FORMAT = "spectra.analysis/1"
@@ -66,18 +69,22 @@ def load_analysis(path: str | Path) -> Analysis:
     Raises:
         SpectraError: missing file, not JSON, or not a spectra analysis.
     """
+    shown = printable(str(path))
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+            raise SpectraError(f"{shown}: not a regular file; give the analysis JSON written by `spectra rank --json`")
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SpectraError(f"{path}: no such file; write one with `spectra rank BASE TUNED --json {path}`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpectraError(f"{path}: not a readable JSON file ({exc})") from None
+        raise SpectraError(f"{shown}: no such file; write one with `spectra rank BASE TUNED --json {shown}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else printable(str(exc))
+        raise SpectraError(f"{shown}: not a readable JSON file ({why})") from None
     try:
         return analysis_from_dict(data)
     except SpectraError as exc:
-        raise SpectraError(f"{path}: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpectraError(f"{path}: damaged spectra analysis ({type(exc).__name__}: {exc})") from None
+        raise SpectraError(f"{shown}: {printable(str(exc))}") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise SpectraError(f"{shown}: damaged spectra analysis ({type(exc).__name__}: {printable(str(exc))})") from None
 
 
 def _json_name(f: dataclasses.Field[Any]) -> str:
