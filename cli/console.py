@@ -44,7 +44,7 @@ def user_errors(outputs: spectra.Outputs | None = None) -> Iterator[None]:
         fail(str(exc))
     except KeyboardInterrupt as exc:
         fail(interrupted(outputs), code=interrupted_code(exc))
-    except (MemoryError, RuntimeError, OSError, ImportError) as exc:
+    except (MemoryError, RuntimeError, OSError, ImportError, SystemError) as exc:
         if (message := memory_problem(exc)) is None:
             raise
         say_error(message)  # not through rich: there may be no memory left for it

@@ -59,11 +59,15 @@ def memory_problem(exc: BaseException) -> str | None:
     more address space than it uses, so such limits fail in ways that look like bugs."""
     text = str(exc)
     lowered = text.lower()
-    if not isinstance(exc, MemoryError) and not (
-        isinstance(exc, (RuntimeError, OSError, ImportError)) and any(p in lowered for p in _MEMORY)
+    limit = _address_space_limit()
+    # SystemError: a C extension (torch's import) failing without an exception, as it does when mmap fails
+    limited = limit is not None and isinstance(exc, SystemError)
+    if (
+        not isinstance(exc, MemoryError)
+        and not limited
+        and not (isinstance(exc, (RuntimeError, OSError, ImportError)) and any(p in lowered for p in _MEMORY))
     ):
         return None
-    limit = _address_space_limit()
     if "could not create a primitive" in lowered and limit is None:
         return None  # without a limit this is not known to be memory
     what = printable(" ".join(text.split()))[:160] or type(exc).__name__
@@ -105,7 +109,7 @@ def main() -> None:
         ignore_signals()
         say_error("interrupted; no output was written")
         raise SystemExit(interrupted_code(exc)) from None
-    except (ImportError, OSError, MemoryError, RuntimeError) as exc:
+    except (ImportError, OSError, MemoryError, RuntimeError, SystemError) as exc:
         message = memory_problem(exc)
         if message is None:
             raise
