@@ -16,21 +16,20 @@ import spectra
 from spectra import (
     Analysis,
     Options,
+    OptionsError,
     ProgressHook,
     RecommendSettings,
     SpectraError,
-    analyze,
     load_analysis,
     save_analysis,
     write_adapter_config,
 )
 
 from . import display
-from .console import err, out, progress, setup_logging, user_errors, wrote
+from .console import progress, say, setup_logging, stdout, user_errors, wrote
 from .flags import Verbose, options_flags
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
@@ -48,6 +47,8 @@ Tuned = Annotated[
     ),
 ]
 AnalysisJson = Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")]
+FORMATS = ("table", "markdown", "tsv")
+STDOUT = Path("-")
 
 
 def show_version(value: bool) -> None:
@@ -58,9 +59,30 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=show_version, is_eager=True, help="print the version")
+    ] = False,
 ) -> None:
     """Spectral analysis of fine-tunes: how much rank did ΔW = W_tuned − W_base really learn?"""
+
+
+JsonOut = Annotated[
+    Path | None, typer.Option("--json", help="write the full analysis (spectra included) to FILE, or - for stdout")
+]
+SummaryJsonOut = Annotated[
+    Path | None,
+    typer.Option("--summary-json", help="write a compact JSON (no singular values) to FILE, or - for stdout"),
+]
+Format = Annotated[str, typer.Option("--format", help="table | markdown | tsv (per-matrix rows, full keys)")]
+Summary = Annotated[bool, typer.Option("--summary", "-q", help="print the per-kind summary and recommendation only")]
+PerMatrix = Annotated[
+    bool | None,
+    typer.Option(
+        "--per-matrix/--no-per-matrix",
+        help=f"print one row per matrix (default: when there are at most {display.PER_MATRIX_MAX})",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -68,9 +90,13 @@ def root(
 def rank(
     base: Checkpoint,
     tuned: Tuned = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
+    json_path: JsonOut = None,
+    summary_json: SummaryJsonOut = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
-    tsv: Annotated[bool, typer.Option(help="print per-matrix rows as TSV instead of tables")] = False,
+    fmt: Format = "table",
+    tsv: Annotated[bool, typer.Option(help="the same as --format tsv")] = False,
+    summary: Summary = False,
+    per_matrix: PerMatrix = None,
     *,
     options: Options,
 ) -> None:
@@ -79,16 +105,32 @@ def rank(
     `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
     """
     with user_errors():
+        fmt = "tsv" if tsv else fmt.lower()
+        if fmt not in FORMATS:
+            raise OptionsError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if json_path == STDOUT and summary_json == STDOUT:
+            raise OptionsError("--json - and --summary-json - would both write to stdout; give one a FILE")
         base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
-        analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
-        if json_path is not None:
+        say(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
+        analysis = spectra.analyze(base_path, tuned_path, options, progress=progress("ΔW spectra"))
+        if json_path is not None and json_path != STDOUT:
             wrote(save_analysis(analysis, json_path))
+        if summary_json is not None and summary_json != STDOUT:
+            wrote(spectra.save_summary(analysis, summary_json))
         if html is not None:
             write_html(analysis, html)
-    if tsv:
+    if STDOUT in (json_path, summary_json):  # stdout holds the JSON alone
+        typer.echo(spectra.to_json(analysis, summary=summary_json == STDOUT), nl=False)
+    elif fmt == "tsv":
         typer.echo(display.layer_tsv(analysis.layers, options.lora_ranks))
+    elif fmt == "markdown":
+        typer.echo(display.markdown_report(analysis, per_matrix=per_matrix, summary_only=summary), nl=False)
     else:
-        out.print(display.rank_report(analysis))
+        out = stdout()
+        if summary:
+            out.print(display.summary_report(analysis, out.width))
+        else:
+            out.print(display.rank_report(analysis, out.width, per_matrix=per_matrix))
 
 
 def write_html(analysis: Analysis, path: Path) -> None:
@@ -131,9 +173,9 @@ def recommend(
         rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
-        if output is not None:
-            wrote(write_adapter_config(rec, output))
-    out.print(display.recommendation_view(rec))
+        written_to = None if output is None else write_adapter_config(rec, output)
+    out = stdout()
+    out.print(display.recommendation_view(rec, out.width, written=None if written_to is None else str(written_to)))
 
 
 class DemoApp(Protocol):
@@ -163,7 +205,7 @@ def demo_app() -> DemoApp:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML report goes")] = Path("reports"),
+    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML report goes")] = Path("spectra-demo"),
     fresh: Annotated[bool, typer.Option(help="retrain instead of reusing cached fine-tunes")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for training (one is often fastest on 2 cores)")] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps per fine-tune")] = 40,
@@ -177,10 +219,10 @@ def demo(
             fresh=fresh,
             threads=threads,
             steps=steps,
-            echo=lambda line: err.print(escape(line)),
+            echo=say,
             progress=progress("working"),
         )
-    out.print(summary)
+    stdout().print(summary)
 
 
 def main() -> None:

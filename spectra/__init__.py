@@ -1,22 +1,26 @@
 """spectra: how much rank did a fine-tune learn? Singular spectra of ΔW = W_tuned − W_base, and LoRA advice.
 
->>> from spectra import analyze, Options
->>> analysis = analyze("base.safetensors", "tuned.safetensors", Options(threshold=0.9))
->>> analysis.layers[0].rank
+>>> import spectra
+>>> analysis = spectra.analyze("base.safetensors", "tuned.safetensors", threshold=0.9)
+>>> analysis                                   # counts, medians and the recommendation; a table in Jupyter
+>>> analysis.to_pandas()                       # one row per matrix (needs the `spectra-lm[pandas]` extra)
 
-The HTML report writers (`write_report`, `write_comparison_report`) are imported on first use, so `import spectra`
-loads no matplotlib or jinja2.
+`import spectra` is light: it loads numpy but not torch, matplotlib or jinja2. The parts that touch tensors
+(`analyze`) and the HTML report writers are imported on first use (PEP 562 module __getattr__).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
-from spectra.io.store import load_analysis, save_analysis
+from spectra.io.store import load_analysis, save_analysis, save_summary, to_json
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
-from spectra.pipeline import ProgressHook, analyze, version
+from spectra.lora.usage import KindUse, RankUse, kind_use, rank_use, use_sentences
+from spectra.names import printable
 from spectra.records import (
     Analysis,
     CheckpointInfo,
@@ -31,11 +35,22 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
+    from spectra.pipeline import analyze
     from spectra.report.html import write_comparison_report, write_report
 
-__version__ = version()
+try:
+    __version__ = metadata.version("spectra-lm")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
-_LAZY = {"write_report": "spectra.report.html", "write_comparison_report": "spectra.report.html"}
+ProgressHook = Callable[[Iterable[Any]], Iterable[Any]]  # == spectra.pipeline.ProgressHook, without loading torch
+
+# name -> module that defines it, imported when the name is first used: torch loads with `analyze` only
+_LAZY = {
+    "analyze": "spectra.pipeline",
+    "write_report": "spectra.report.html",
+    "write_comparison_report": "spectra.report.html",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -47,17 +62,23 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'spectra' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "Analysis",
     "CheckpointError",
     "CheckpointInfo",
     "GroupSummary",
+    "KindUse",
     "LayerMetrics",
     "MismatchError",
     "Options",
     "OptionsError",
     "ProgressHook",
     "RankOption",
+    "RankUse",
     "RecommendSettings",
     "Recommendation",
     "Skipped",
@@ -66,9 +87,15 @@ __all__ = [
     "Summary",
     "__version__",
     "analyze",
+    "kind_use",
     "load_analysis",
+    "printable",
+    "rank_use",
     "recommend",
     "save_analysis",
+    "save_summary",
+    "to_json",
+    "use_sentences",
     "write_adapter_config",
     "write_comparison_report",
     "write_report",

@@ -21,15 +21,16 @@ from spectra_cli.flags import OPTIONS_FLAGS, options_flags
 runner = CliRunner()
 
 
-def invoke(*args: str):  # type: ignore[no-untyped-def]
-    return runner.invoke(app, [str(a) for a in args])
+def invoke(*args: str | Path, columns: int = 200):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns)})
 
 
 def assert_clean_error(result, code: int, *fragments: str) -> None:  # type: ignore[no-untyped-def]
+    """Exit `code`, nothing on stdout, and on stderr one error line (after the line saying what is read)."""
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("reading ")]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
@@ -40,8 +41,10 @@ def test_rank_prints_tables_to_stdout_and_writes_json(planted_pair: PairFactory,
     out = tmp_path / "out" / "analysis.json"
     result = invoke("rank", base, tuned, "--json", out)
     assert result.exit_code == 0, result.output
-    assert "rank@0.9" in result.stdout and "layers.0.mlp.rank8" in result.stdout
+    assert "rank@0.9" in result.stdout and "mlp.rank8" in result.stdout
+    assert "names: model.layers.<layer>.<module>.weight" in result.stdout  # the elided prefix, said once
     assert "4 matrices: median rank@0.9" in result.stdout
+    assert result.stderr.splitlines()[0] == f"reading {base} and {tuned}"
     assert f"wrote {out}" in result.stderr
     data = json.loads(out.read_text())
     assert data["format"] == "spectra.analysis/1" and len(data["layers"]) == 4
@@ -264,7 +267,7 @@ def test_recommend_display_reads_alpha_from_the_written_config(planted_pair: Pai
         text = " ".join(result.stdout.split())  # rich wraps long lines
         shown = re.findall(r"lora_alpha = ([0-9.]+)", text)
         assert shown and all(float(a) == config["lora_alpha"] for a in shown), (shown, config["lora_alpha"])
-        assert f"config r = {config['r']}," in text
+        assert f"the per-module variant (r = {config['r']}," in text
 
 
 def test_recommend_settings_are_validated_once_by_the_library(planted_pair: PairFactory, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from spectra.io.files import write_atomic
 from spectra.records import Analysis
 
 FORMAT = "spectra.analysis/1"
+SUMMARY_FORMAT = "spectra.summary/1"  # the same keys without singular values, for scripts; not reloadable
 
 
 def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
@@ -51,8 +52,29 @@ def analysis_from_dict(data: dict[str, Any]) -> Analysis:
     return decoded
 
 
+def summary_to_dict(analysis: Analysis) -> dict[str, Any]:
+    """`analysis_to_dict` without the singular values (format "spectra.summary/1"): every scalar, summary and the
+    recommendation, a few kB whatever the model size."""
+    data = analysis_to_dict(analysis)
+    data["format"] = SUMMARY_FORMAT
+    for layer in data["layers"]:
+        layer.pop("singular_values", None)
+    return data
+
+
 def dumps(analysis: Analysis) -> str:
     return json.dumps(analysis_to_dict(analysis), indent=1, allow_nan=False)
+
+
+def to_json(analysis: Analysis, *, summary: bool = False) -> str:
+    """The JSON text `save_analysis` writes (or, with `summary`, `save_summary`), ending in a newline."""
+    data = summary_to_dict(analysis) if summary else analysis_to_dict(analysis)
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+
+def save_summary(analysis: Analysis, path: str | Path) -> Path:
+    """Write `summary_to_dict(analysis)` as JSON to `path` atomically; return the path."""
+    return write_atomic(Path(path), to_json(analysis, summary=True))
 
 
 def save_analysis(analysis: Analysis, path: str | Path) -> Path:
