@@ -285,9 +285,10 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
     """The fast pipeline run serially, stage by stage, with seconds per stage (no overlap; see module doc)."""
     import torch
 
-    import spectra.plan.dense
+    import spectra.plan.delta
     from spectra import Options
     from spectra.analysis.metrics import compute_metrics, module_kinds
+    from spectra.engine.executor import schedule_key
     from spectra.engine.local import resolve_device
     from spectra.engine.sigma import (
         frobenius_energy,
@@ -298,8 +299,8 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
         unresolved,
     )
     from spectra.io.checkpoint import open_checkpoint
-    from spectra.names import natural_key
-    from spectra.plan.dense import make_delta, pair_tensors
+    from spectra.plan.delta import make_delta
+    from spectra.plan.dense import plan_pair
     from spectra.records import Delta, Skipped, Spectrum
 
     options = Options(device=device)
@@ -315,7 +316,7 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
         split[stage] += now - start
         return now
 
-    noise_fn = spectra.diff.rounding_noise_energy
+    noise_fn = spectra.plan.delta.rounding_noise_energy
 
     def timed_noise(w: Any, dtype: str) -> float:
         t0 = time.perf_counter()
@@ -324,36 +325,36 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
         finally:
             split["noise estimate"] += time.perf_counter() - t0
 
-    spectra.diff.rounding_noise_energy = timed_noise
+    spectra.plan.delta.rounding_noise_energy = timed_noise  # type: ignore[assignment]
     spectra_out: list[Spectrum] = []
     started = time.perf_counter()
     with open_checkpoint(str(base)) as bc, open_checkpoint(str(tuned)) as tc:
-        pairs, _ = pair_tensors(bc, tc, options)
-        for pair in sorted(pairs, key=lambda p: (p.shape, natural_key(p.name))):
-            t0 = time.perf_counter()
-            assert pair.base_name is not None
-            tensors = {("t", pair.name): tc.read(pair.name), ("b", pair.base_name): bc.read(pair.base_name)}
-            t0 = clock("read", t0)
-            delta = make_delta(_Preread(bc, "b", tensors), _Preread(tc, "t", tensors), pair, options)  # type: ignore[arg-type]
-            t0 = clock("diff", t0)
-            if isinstance(delta, Skipped) or delta.values is None:
-                continue
-            x = delta.values.unsqueeze(0).to(dev)
-            energy = frobenius_energy(x)
-            t0 = clock("energy", t0)
-            gram = gram_matrix(x)
-            t0 = clock("gram", t0)
-            lam = gram_eigenvalues(gram)
-            s = sigma_from_eigenvalues(lam).cpu().numpy()
-            t0 = clock("eigensolve", t0)
-            method = "gram-f32"
-            if unresolved(lam.double().cpu().numpy())[0]:
-                s, method = gram_values(x.double()).cpu().numpy(), "gram-f64"
-                t0 = clock("f64 redo", t0)
-            d: Delta = delta
-            spectra_out.append(
-                Spectrum(d.name, d.shape, s[0], float(energy[0]), d.base_norm, d.dtype, d.noise_energy, method)
-            )
+        plan = plan_pair(bc, tc, options)
+    preread = _Preread()
+    for job in sorted(plan.jobs, key=schedule_key):
+        t0 = time.perf_counter()
+        preread.load(job.operand.tuned, job.operand.base)  # type: ignore[union-attr]  # dense jobs
+        t0 = clock("read", t0)
+        delta = make_delta(job, preread)  # type: ignore[arg-type]
+        t0 = clock("diff", t0)
+        if isinstance(delta, Skipped) or delta.values is None:
+            continue
+        x = delta.values.unsqueeze(0).to(dev)
+        energy = frobenius_energy(x)
+        t0 = clock("energy", t0)
+        gram = gram_matrix(x)
+        t0 = clock("gram", t0)
+        lam = gram_eigenvalues(gram)
+        s = sigma_from_eigenvalues(lam).cpu().numpy()
+        t0 = clock("eigensolve", t0)
+        method = "gram-f32"
+        if unresolved(lam.double().cpu().numpy())[0]:
+            s, method = gram_values(x.double()).cpu().numpy(), "gram-f64"
+            t0 = clock("f64 redo", t0)
+        d: Delta = delta
+        spectra_out.append(
+            Spectrum(d.name, d.shape, s[0], float(energy[0]), d.base_norm, d.dtype, d.noise_energy, method)
+        )
     t0 = time.perf_counter()
     kinds = module_kinds([sp.name for sp in spectra_out])
     for sp in spectra_out:
@@ -365,16 +366,38 @@ def profile_split(base: Path, tuned: Path, device: str) -> dict[str, float]:
 
 
 class _Preread:
-    """A Checkpoint stand-in whose read() returns tensors already read (so the profile can time reads apart)."""
+    """A spectra.io.tensors.Handles stand-in serving byte ranges read from disk beforehand (`load`), so that the
+    profile times the reads apart from the diff: `get(file)` returns a file-like view of the loaded range."""
 
-    def __init__(self, checkpoint: Any, side: str, tensors: dict[tuple[str, str], Any]) -> None:
-        self.entries, self.side, self.tensors = checkpoint.entries, side, tensors
+    def __init__(self) -> None:
+        self.ranges: dict[Path, tuple[int, memoryview]] = {}
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, out: Any = None) -> Any:
-        tensor = self.tensors[(self.side, name)]
-        if rows is not None:
-            tensor = tensor[rows[0] : rows[1]]
-        return tensor if out is None else out.view(tensor.shape).copy_(tensor)
+    def load(self, *entries: Any) -> None:
+        self.ranges = {}
+        for entry in entries:
+            with open(entry.file, "rb") as fh:
+                fh.seek(entry.start)
+                self.ranges[entry.file] = (entry.start, memoryview(fh.read(entry.nbytes)))
+
+    def get(self, file: Path) -> _Range:
+        return _Range(*self.ranges[file])
+
+    def close(self) -> None:
+        self.ranges = {}
+
+
+class _Range:
+    def __init__(self, start: int, data: memoryview) -> None:
+        self.start, self.data, self.pos = start, data, start
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def readinto(self, buffer: memoryview) -> int:
+        chunk = self.data[self.pos - self.start : self.pos - self.start + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
 
 
 def run_child(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
-    from spectra.pipeline import analyze
+    from spectra.pipeline import analyze, analyze_many
     from spectra.report.html import write_comparison_report, write_report
 
 try:
@@ -48,6 +48,7 @@ ProgressHook = Callable[[Iterable[Any]], Iterable[Any]]  # == spectra.pipeline.P
 # name -> module that defines it, imported when the name is first used: torch loads with `analyze` only
 _LAZY = {
     "analyze": "spectra.pipeline",
+    "analyze_many": "spectra.pipeline",
     "write_report": "spectra.report.html",
     "write_comparison_report": "spectra.report.html",
 }
@@ -87,6 +88,7 @@ __all__ = [
     "Summary",
     "__version__",
     "analyze",
+    "analyze_many",
     "kind_use",
     "load_analysis",
     "printable",

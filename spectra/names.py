@@ -83,6 +83,8 @@ def split_key(name: str) -> tuple[tuple[str, ...], int | None]:
     path = parts[at + 1 :] if at is not None else parts
     if len(path) > 1 and path[-1] == "weight":
         path = path[:-1]
+    # indices after the block's (Mixture-of-Experts experts.7.w1) name instances of one kind, not kinds
+    path = [p for p in path if not (p.isascii() and p.isdigit())] or path
     return tuple(path), None if at is None else int(parts[at])
 
 

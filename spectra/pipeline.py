@@ -1,33 +1,33 @@
-"""analyze(): load -> pair/diff -> spectrum -> metrics -> summary -> Analysis."""
+"""analyze(): open → plan → engine.run(Values) → metrics → summary → Analysis (analyze_many: one base × N tuned)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Protocol, TypeVar
 
 from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
-from spectra.engine.local import compute_spectra, resolve_device
-from spectra.errors import CheckpointError, MismatchError
+from spectra.engine.executor import ProgressHook, identity, run
+from spectra.engine.kernels import Values
+from spectra.engine.local import LocalExecutor, resolve_device
+from spectra.errors import CheckpointError, MismatchError, OptionsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.lora.recommend import recommend
 from spectra.names import natural_key
-from spectra.plan.adapter import adapter_notes, make_factored_delta, pair_adapter
-from spectra.plan.dense import make_delta, pair_tensors
-from spectra.records import Analysis, Delta, LayerMetrics, Options, Skipped, Spectrum
+from spectra.plan.adapter import plan_adapter
+from spectra.plan.dense import plan_pair
+from spectra.plan.jobs import Plan
+from spectra.records import Analysis, CheckpointInfo, LayerMetrics, Options, Resources, Skipped, Spectrum
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-ProgressHook = Callable[[Iterable[Any]], Iterable[Any]]
+__all__ = ["ProgressHook", "analyze", "analyze_many", "build_layers", "identity", "version"]
 
-
-def identity(items: Iterable[T]) -> Iterable[T]:
-    return items
+PathLike = str | os.PathLike[str]
 
 
 def version() -> str:
@@ -38,7 +38,7 @@ def version() -> str:
 
 
 def analyze(
-    base: str | None, tuned: str, options: Options | None = None, *, progress: ProgressHook = identity
+    base: PathLike | None, tuned: PathLike, options: Options | None = None, *, progress: ProgressHook = identity
 ) -> Analysis:
     """Return the spectral analysis of ΔW = tuned − base for every matched 2-D weight.
 
@@ -55,30 +55,117 @@ def analyze(
         MismatchError: no analysable tensor pairs, or nothing changed.
         OptionsError: device "cuda" without a GPU.
     """
+    (analysis,) = analyze_many(base, [tuned], options, progress=progress)
+    return analysis
+
+
+def analyze_many(
+    base: PathLike | None,
+    tuned: Sequence[PathLike],
+    options: Options | None = None,
+    *,
+    progress: ProgressHook = identity,
+) -> tuple[Analysis, ...]:
+    """Return one Analysis per tuned input against the same base, each equal to `analyze(base, tuned[i])`.
+
+    The matrices of all inputs run in one stream, the same matrix of every input back to back, so each base tensor
+    is read from disk once (and from the page cache for the other inputs), and the base's header once.
+
+    Args:
+        base: as for `analyze`; None only when every tuned input is a PEFT adapter.
+        tuned: the tuned checkpoints or adapters, at least one.
+        options, progress: as for `analyze` (progress counts the matrices of all inputs).
+
+    Raises:
+        as `analyze`, for whichever input is at fault first.
+    """
     options = options or Options()
     started = time.perf_counter()
+    base_path = None if base is None else os.fspath(base)
+    tuned_paths = [os.fspath(t) for t in tuned]
+    if not tuned_paths:
+        raise OptionsError("analyze_many needs at least one tuned input")
     device = resolve_device(options.device)
+    kernel = Values(options.precision)
+    executor = LocalExecutor(Resources(str(device), options.threads, options.batch_bytes))
+    plans, base_info, tuned_infos = _open_and_plan(base_path, tuned_paths, options)
+    spectra: list[list[Spectrum]] = [[] for _ in plans]
+    unchanged: list[list[Skipped]] = [[] for _ in plans]
+    for job, result in run((job for plan in plans for job in plan.jobs), kernel, executor, progress):
+        if isinstance(result, Skipped):
+            unchanged[job.source].append(result)
+        else:
+            spectra[job.source].append(result)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    analyses = []
+    for source, plan in enumerate(plans):
+        if not spectra[source]:
+            adapter = tuned_infos[source].format == "peft-adapter"
+            raise MismatchError(_nothing_changed(base_path, tuned_paths[source], len(plan.jobs), adapter))
+        analyses.append(
+            _analysis(
+                base_path,
+                tuned_paths[source],
+                options,
+                spectra[source],
+                (*plan.skipped, *unchanged[source]),
+                plan.notes,
+                (base_info, tuned_infos[source]),
+                str(device),
+                started,
+                created,
+            )
+        )
+    return tuple(analyses)
+
+
+def _open_and_plan(
+    base: str | None, tuned: list[str], options: Options
+) -> tuple[list[Plan], CheckpointInfo | None, list[CheckpointInfo]]:
+    """Open every input (headers only), check their roles, and plan each tuned input against the base."""
     with contextlib.ExitStack() as stack:
         base_ck = None if base is None else stack.enter_context(open_checkpoint(base, download=options.download))
-        tuned_ck = stack.enter_context(open_checkpoint(tuned, download=options.download))
+        tuned_cks = [stack.enter_context(open_checkpoint(t, download=options.download)) for t in tuned]
         if base_ck is not None and base_ck.format == "peft-adapter":
             raise CheckpointError(
                 f"{base}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as "
                 "TUNED (or the adapter alone)"
             )
-        if tuned_ck.format == "peft-adapter":
-            spectra, skipped, n_pairs = _adapter_spectra(base_ck, tuned_ck, options, device, progress)
-            notes = adapter_notes(base_ck)
-        elif base_ck is None:
-            raise CheckpointError(
-                f"{tuned}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
-                "needed to form ΔW = tuned − base; pass BASE"
-            )
-        else:
-            spectra, skipped, n_pairs, notes = _dense_spectra(base_ck, tuned_ck, options, device, progress)
-        base_info, tuned_info = (base_ck.info if base_ck is not None else None), tuned_ck.info
-    if not spectra:
-        raise MismatchError(_nothing_changed(base, tuned, n_pairs, tuned_info.format == "peft-adapter"))
+        plans = [_plan_input(base_ck, ck, options, source) for source, ck in enumerate(tuned_cks)]
+        return plans, (base_ck.info if base_ck is not None else None), [ck.info for ck in tuned_cks]
+
+
+def _plan_input(base: Checkpoint | None, tuned: Checkpoint, options: Options, source: int) -> Plan:
+    """The plan of one tuned input: factored jobs for an adapter, dense pairs otherwise; refuses an empty plan."""
+    if tuned.format == "peft-adapter":
+        plan = plan_adapter(tuned, base, options, source=source)
+        if not plan.jobs:
+            reasons = ", ".join(sorted({f"{s.reason}: {s.detail}" if s.detail else s.reason for s in plan.skipped})[:3])
+            raise MismatchError(f"{tuned.path}: no LoRA factors to analyse (skipped: {reasons or 'nothing found'})")
+        return plan
+    if base is None:
+        raise CheckpointError(
+            f"{tuned.path}: not a PEFT adapter (no adapter_config.json), so a base checkpoint is "
+            "needed to form ΔW = tuned − base; pass BASE"
+        )
+    plan = plan_pair(base, tuned, options, source=source)
+    if not plan.jobs:
+        raise MismatchError(_no_pairs_message(base, tuned, plan.skipped))
+    return plan
+
+
+def _analysis(
+    base: str | None,
+    tuned: str,
+    options: Options,
+    spectra: list[Spectrum],
+    skipped: Iterable[Skipped],
+    notes: tuple[str, ...],
+    infos: tuple[CheckpointInfo | None, CheckpointInfo],
+    device: str,
+    started: float,
+    created: str,
+) -> Analysis:
     layers = build_layers(spectra, options)
     return Analysis(
         base=base,
@@ -88,41 +175,14 @@ def analyze(
         skipped=tuple(sorted(skipped, key=lambda s: natural_key(s.name))),
         summary=summarize(layers, options.lora_ranks),
         recommendation=recommend(layers),
-        base_info=base_info,
-        tuned_info=tuned_info,
-        device=str(device),
+        base_info=infos[0],
+        tuned_info=infos[1],
+        device=device,
         elapsed_s=time.perf_counter() - started,
         version=version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=created,
         notes=notes,
     )
-
-
-def _dense_spectra(
-    base: Checkpoint, tuned: Checkpoint, options: Options, device: Any, progress: ProgressHook
-) -> tuple[list[Spectrum], list[Skipped], int, tuple[str, ...]]:
-    """Spectra of ΔW = tuned − base, formed densely; the skipped tensors; the number of matched pairs; notes."""
-    pairs, skipped = pair_tensors(base, tuned, options)
-    if not pairs:
-        raise MismatchError(_no_pairs_message(base, tuned, skipped))
-    spectra = _spectra_in_shape_order(
-        pairs, lambda p: make_delta(base, tuned, p, options), skipped, options, device, progress
-    )
-    return spectra, skipped, len(pairs), tuple(p.note for p in pairs if p.note is not None)
-
-
-def _adapter_spectra(
-    base: Checkpoint | None, adapter: Checkpoint, options: Options, device: Any, progress: ProgressHook
-) -> tuple[list[Spectrum], list[Skipped], int]:
-    """Spectra of an adapter's ΔW = scale·B@A from the factors; the skipped tensors; the number of modules."""
-    pairs, skipped = pair_adapter(adapter, base, options)
-    if not pairs:
-        reasons = ", ".join(sorted({f"{s.reason}: {s.detail}" if s.detail else s.reason for s in skipped})[:3])
-        raise MismatchError(f"{adapter.path}: no LoRA factors to analyse (skipped: {reasons or 'nothing found'})")
-    spectra = _spectra_in_shape_order(
-        pairs, lambda p: make_factored_delta(adapter, base, p), skipped, options, device, progress
-    )
-    return spectra, skipped, len(pairs)
 
 
 def _nothing_changed(base: str | None, tuned: str, n_pairs: int, adapter: bool) -> str:
@@ -142,57 +202,7 @@ def build_layers(spectra: Iterable[Spectrum], options: Options) -> tuple[LayerMe
     return tuple(compute_metrics(s, options, *kinds[s.name]) for s in ordered)
 
 
-class _Counted(Sized, Iterable[T]):
-    """An iterator that knows its length, so progress bars can show a total."""
-
-    def __init__(self, items: Iterator[T], n: int) -> None:
-        self.items, self.n = items, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[T]:
-        return self.items
-
-
-class _Job(Protocol):
-    """A matrix to compute: a dense pair or an adapter module."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def shape(self) -> tuple[int, int]: ...
-
-
-J = TypeVar("J", bound=_Job)
-
-
-def _spectra_in_shape_order(
-    jobs: list[J],
-    make: Callable[[J], Delta | Skipped],
-    skipped: list[Skipped],
-    options: Options,
-    device: Any,
-    progress: ProgressHook,
-) -> list[Spectrum]:
-    """Make deltas grouped by shape (so same-shape matrices batch together); unchanged ones go to `skipped`."""
-    ordered = sorted(jobs, key=lambda p: (p.shape, natural_key(p.name)))
-
-    def deltas() -> Iterator[Delta]:  # runs on the spectrum stage's reader thread
-        for job in ordered:
-            delta = make(job)
-            if isinstance(delta, Skipped):
-                skipped.append(delta)
-            else:
-                yield delta
-
-    stream = compute_spectra(deltas(), options, device)
-    with contextlib.closing(stream):
-        return list(progress(_Counted(stream, len(ordered))))
-
-
-def _no_pairs_message(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> str:
+def _no_pairs_message(base: Checkpoint, tuned: Checkpoint, skipped: Iterable[Skipped]) -> str:
     reasons = sorted({s.reason for s in skipped})
     if not set(base.entries) & set(tuned.entries) and "shape-mismatch" not in reasons:
         example_b = next(iter(sorted(base.entries)), "-")

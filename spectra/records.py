@@ -69,6 +69,29 @@ class Options:
 
 
 @dataclass(frozen=True, slots=True)
+class Resources:
+    """What an executor may use in this process: never analysis settings. The pipeline builds it from Options.
+
+    Attributes:
+        device: a resolved torch device name: "cpu", "cuda", "cuda:1" (never "auto").
+        threads: cap on intra-op CPU threads (also the number of CPU workers); None leaves torch's default.
+        batch_bytes: bytes of matrices (and their results) in flight; None derives it from the device.
+    """
+
+    device: str = "cpu"
+    threads: int | None = None
+    batch_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device == "auto" or not self.device:
+            raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {self.device!r}")
+        if self.batch_bytes is not None and self.batch_bytes < 1:
+            raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionsError(f"threads must be at least 1, got {self.threads}")
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """What an input checkpoint is, without its tensors."""
 
@@ -90,14 +113,15 @@ class Skipped:
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """ΔW = W_tuned − W_base for one matched 2-D weight, dense or factored (adapters). Lives in the torch stages.
+    """A materialised job (spectra.plan.delta): ΔW = W_tuned − W_base for one matched 2-D weight, dense or factored
+    (adapters), or a raw weight W. Lives in the torch stages, inside an executor.
 
     Exactly one of `values` and `factors` is set. `factors` = (B, A) with ΔW = B @ A, the scale already folded in.
     """
 
-    name: str  # tuned checkpoint key, verbatim
+    name: str  # the job's name: tuned checkpoint key, verbatim
     shape: tuple[int, int]  # (out_features, in_features)
-    values: torch.Tensor | None  # float32 (out, in), formed after upcasting both sides
+    values: torch.Tensor | None  # float32 or float64 (out, in), formed after upcasting both sides
     factors: tuple[torch.Tensor, torch.Tensor] | None
     base_norm: float | None  # ‖W_base‖_F, None when no base was given
     dtype: str  # storage dtype of the tuned tensor, e.g. "bf16"
@@ -119,8 +143,28 @@ class Spectrum:
 
 
 @dataclass(frozen=True, slots=True)
+class Factors:
+    """The leading singular triplets of one ΔW (the TopK kernel): ΔW ≈ u @ diag(s) @ vt, best rank len(s).
+
+    CPU numpy float64. Only numerically non-zero directions are kept: len(s) = min(k, min(shape), numerical rank),
+    where σ ≤ max(shape)·ε₆₄·σ₁ counts as zero (numpy's matrix_rank rule), so a request beyond the rank is trimmed.
+    """
+
+    name: str
+    shape: tuple[int, int]  # (m, n)
+    u: np.ndarray = field(compare=False)  # (m, r) orthonormal columns: left singular vectors
+    s: np.ndarray = field(compare=False)  # (r,) descending, > 0
+    vt: np.ndarray = field(compare=False)  # (r, n) orthonormal rows: right singular vectors
+    energy: float  # ‖ΔW‖_F², computed directly from ΔW (or the factors' core), not from s
+    base_norm: float | None
+    dtype: str
+    noise_energy: float
+    method: str  # "gram-f64" (Gram eigenvectors + Rayleigh–Ritz), "svd-f64", "factored-f64"
+
+
+@dataclass(frozen=True, slots=True)
 class LayerMetrics:
-    """Every per-matrix measure (definitions in the README's glossary and METHODS.md)."""
+    """Every per-matrix measure (definitions in the README, "What every number means")."""
 
     name: str  # checkpoint key, verbatim
     shape: tuple[int, int]
@@ -192,7 +236,7 @@ class Recommendation:
     config: dict[str, Any]  # adapter_config.json content, loadable by peft.LoraConfig
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
-    caveat: str  # what captured energy does and does not promise (METHODS.md §1), shown next to the advice
+    caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
 
 
 @dataclass(frozen=True, slots=True)

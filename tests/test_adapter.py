@@ -20,9 +20,14 @@ from safetensors.torch import load_file, save_file
 
 from spectra import Analysis, CheckpointError, MismatchError, Options, analyze, load_analysis, save_analysis
 from spectra.analysis.metrics import energy_rank
+from spectra.io.checkpoint import open_checkpoint
+from spectra.io.tensors import Handles
 from spectra.peft.layout import pattern_key
 from spectra.peft.read import LoraSettings, read_lora_settings
-from spectra.records import Delta, Skipped
+from spectra.plan.adapter import plan_adapter
+from spectra.plan.delta import make_delta
+from spectra.plan.jobs import Factored
+from spectra.records import Delta
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 peft = pytest.importorskip("peft")
@@ -150,27 +155,24 @@ def test_adapter_alone(adapters: dict[str, Written], variant: str, tmp_path: Pat
     assert again.base is None and again.notes == analysis.notes
 
 
-def test_adapter_never_forms_dense_delta(
-    llama: Any, adapters: dict[str, Written], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import spectra.pipeline
-    from spectra.plan.adapter import make_factored_delta as real
-
-    seen: list[Delta | Skipped] = []
-
-    def spy(*args: Any) -> Delta | Skipped:
-        seen.append(real(*args))
-        return seen[-1]
-
-    monkeypatch.setattr(spectra.pipeline, "make_factored_delta", spy)
-    monkeypatch.setattr(spectra.pipeline, "make_delta", lambda *a: pytest.fail("dense ΔW formed"))
+def test_adapter_never_forms_dense_delta(llama: Any, adapters: dict[str, Written]) -> None:
+    """The adapter plan holds factored jobs only, and materialising one yields the factors, never B@A."""
     _, base, _ = llama
-    analysis = analyze(str(base), str(adapters["pattern"].folder))
-    assert len(seen) == len(analysis.layers) > 0
-    for d in seen:
+    with open_checkpoint(str(adapters["pattern"].folder)) as adapter, open_checkpoint(str(base)) as base_ck:
+        plan = plan_adapter(adapter, base_ck, Options())
+    assert plan.jobs and all(isinstance(job.operand, Factored) for job in plan.jobs)
+    handles = Handles()
+    try:
+        deltas = [make_delta(job, handles) for job in plan.jobs]
+    finally:
+        handles.close()
+    for d in deltas:
         assert isinstance(d, Delta) and d.values is None and d.factors is not None and d.noise_energy == 0.0
         (m, r1), (r2, n) = d.factors[0].shape, d.factors[1].shape
         assert (m, n) == d.shape and r1 == r2 == RANKS["pattern"].get(d.name, 4)
+    analysis = analyze(str(base), str(adapters["pattern"].folder))
+    assert {lm.name for lm in analysis.layers} == {job.name for job in plan.jobs}
+    assert {lm.method for lm in analysis.layers} == {"factored-f64"}
 
 
 def test_adapter_name_infix_and_file_path(llama: Any, adapters: dict[str, Written], tmp_path: Path) -> None:

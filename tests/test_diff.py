@@ -1,7 +1,9 @@
-"""diff: name pairing with reasons for everything skipped, upcast-before-subtract, and the rounding-noise estimate."""
+"""Dense planning and ΔW: name pairing with reasons for everything skipped, upcast-before-subtract, and the
+rounding-noise estimate."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +12,29 @@ import torch
 
 from conftest import save_checkpoint
 from spectra import Options
-from spectra.io.checkpoint import open_checkpoint
-from spectra.plan.dense import make_delta, pair_tensors, rounding_noise_energy
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.tensors import Handles
+from spectra.plan.delta import make_delta
+from spectra.plan.dense import plan_pair
+from spectra.plan.jobs import Dense, Job
+from spectra.plan.noise import rounding_noise_energy
+from spectra.records import Delta, Skipped
 
 
-def pair(tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], **options: object):  # type: ignore[no-untyped-def]
+def pair(
+    tmp_path: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], **options: object
+) -> tuple[Checkpoint, Checkpoint, dict[str, Job], dict[str, Skipped]]:
     b = open_checkpoint(str(save_checkpoint(base, tmp_path / "b")))
     t = open_checkpoint(str(save_checkpoint(tuned, tmp_path / "t")))
-    pairs, skipped = pair_tensors(b, t, Options(**options))  # type: ignore[arg-type]
-    return b, t, {p.name: p for p in pairs}, {s.name: s for s in skipped}
+    plan = plan_pair(b, t, Options(**options))  # type: ignore[arg-type]
+    return b, t, {j.name: j for j in plan.jobs}, {s.name: s for s in plan.skipped}
+
+
+def delta(job: Job, wide: bool = False) -> Delta:
+    with contextlib.closing(Handles()) as handles:
+        made = make_delta(job, handles, wide=wide)
+    assert isinstance(made, Delta)
+    return made
 
 
 def test_every_unanalysed_tensor_has_a_reason(tmp_path: Path) -> None:
@@ -59,7 +75,8 @@ def test_a_leading_prefix_on_one_side_is_normalised(tmp_path: Path, prefix: str,
     _, _, pairs, skipped = pair(tmp_path, base, tuned)
     assert len(pairs) == 3 and not skipped
     for p in pairs.values():
-        assert (p.name, p.base_name) in {(prefix + n, n) for n in names} | {(n, prefix + n) for n in names}
+        assert isinstance(p.operand, Dense) and p.operand.base is not None
+        assert (p.name, p.operand.base.name) in {(prefix + n, n) for n in names} | {(n, prefix + n) for n in names}
 
 
 def test_ambiguous_prefix_is_not_guessed(tmp_path: Path) -> None:
@@ -79,19 +96,22 @@ def test_include_and_exclude(tmp_path: Path) -> None:
 
 def test_unchanged_matrix_is_skipped_not_analysed(tmp_path: Path) -> None:
     w = torch.randn(5, 5)
-    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w.clone()})
-    result = make_delta(b, t, pairs["w"], Options())
-    assert not hasattr(result, "values") and result.reason == "unchanged"  # type: ignore[union-attr]
+    _, _, pairs, _ = pair(tmp_path, {"w": w}, {"w": w.clone()})
+    with contextlib.closing(Handles()) as handles:
+        result = make_delta(pairs["w"], handles)
+    assert isinstance(result, Skipped) and result.reason == "unchanged" and result.name == "w"
 
 
 def test_bf16_update_is_subtracted_after_upcast(tmp_path: Path) -> None:
     w = torch.full((4, 4), 1.0, dtype=torch.bfloat16)
     w_next = (w.float() + 2.0**-7).bfloat16()  # one bf16 ulp up; bf16 arithmetic would also round it
-    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_next})
-    delta = make_delta(b, t, pairs["w"], Options())
-    assert delta.values is not None and delta.values.dtype == torch.float32  # type: ignore[union-attr]
-    assert torch.all(delta.values == 2.0**-7)  # type: ignore[union-attr]
-    assert delta.base_norm == pytest.approx(4.0)  # type: ignore[union-attr]
+    _, _, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_next})
+    d = delta(pairs["w"])
+    assert d.values is not None and d.values.dtype == torch.float32
+    assert torch.all(d.values == 2.0**-7)
+    assert d.base_norm == pytest.approx(4.0)
+    wide = delta(pairs["w"], wide=True)  # what exact kernels ask for
+    assert wide.values is not None and wide.values.dtype == torch.float64 and torch.all(wide.values == 2.0**-7)
 
 
 @pytest.mark.parametrize(("dtype", "name"), [(torch.bfloat16, "bf16"), (torch.float16, "f16")])
@@ -116,18 +136,18 @@ def test_chunked_delta_equals_whole_tensor_arithmetic(
     tuned_dtype: torch.dtype,
 ) -> None:
     """ΔW, ‖W_base‖, the noise estimate and its cap do not depend on how many rows are formed at a time."""
-    monkeypatch.setattr("spectra.plan.dense.DIFF_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr("spectra.plan.delta.DIFF_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(3)
     w = torch.from_numpy(rng.standard_normal((45, 13)) * 0.02).to(base_dtype)
     w_tuned = (w.double() + torch.from_numpy(rng.standard_normal((45, 13)) * 1e-3)).to(tuned_dtype)
-    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
-    delta = make_delta(b, t, pairs["w"], Options())
-    assert delta.values is not None  # type: ignore[union-attr]
-    assert torch.equal(delta.values, w_tuned.float() - w.float())  # type: ignore[union-attr]
-    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
+    _, _, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
+    d = delta(pairs["w"])
+    assert d.values is not None
+    assert torch.equal(d.values, w_tuned.float() - w.float())
+    assert d.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)
     expected = rounding_noise_energy(w, "f16" if base_dtype == torch.float16 else "bf16")
     expected += rounding_noise_energy(w_tuned, "bf16" if tuned_dtype == torch.bfloat16 else "f32")
-    assert delta.noise_energy == pytest.approx(expected, rel=1e-12)  # type: ignore[union-attr]
+    assert d.noise_energy == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize(("dtype", "name"), [(torch.float8_e4m3fn, "f8_e4m3"), (torch.float8_e5m2, "f8_e5m2")])
@@ -135,12 +155,12 @@ def test_float8_checkpoints_are_diffed_and_measured(tmp_path: Path, dtype: torch
     rng = np.random.default_rng(4)
     w = torch.from_numpy(rng.standard_normal((30, 20))).to(dtype)
     w_tuned = (w.double() + torch.from_numpy(rng.standard_normal((30, 20)) * 0.1)).to(dtype)
-    b, t, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
-    delta = make_delta(b, t, pairs["w"], Options())
-    assert delta.dtype == name  # type: ignore[union-attr]
-    assert torch.equal(delta.values, w_tuned.float() - w.float())  # type: ignore[union-attr]
-    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)  # type: ignore[union-attr]
-    assert delta.noise_energy == pytest.approx(  # type: ignore[union-attr]
+    _, _, pairs, _ = pair(tmp_path, {"w": w}, {"w": w_tuned})
+    d = delta(pairs["w"])
+    assert d.dtype == name and d.values is not None
+    assert torch.equal(d.values, w_tuned.float() - w.float())
+    assert d.base_norm == pytest.approx(float(torch.linalg.vector_norm(w.double())), rel=1e-12)
+    assert d.noise_energy == pytest.approx(
         rounding_noise_energy(w, name) + rounding_noise_energy(w_tuned, name), rel=1e-12
     )
 
@@ -158,14 +178,14 @@ def test_a_resized_vocabulary_is_compared_over_its_shared_rows(
     shared = min(base_rows, tuned_rows)
     tuned_w = torch.from_numpy(rng.standard_normal((tuned_rows, 16))).float()
     tuned_w[:shared] = w[:shared] + 0.1
-    b, t, pairs, skipped = pair(tmp_path, {name: w}, {name: tuned_w})
+    _, _, pairs, skipped = pair(tmp_path, {name: w}, {name: tuned_w})
     assert not skipped and pairs[name].shape == (shared, 16)
     note = pairs[name].note
     assert note is not None and f"{base_rows} → {tuned_rows}" in note and f"{shared} rows both share" in note
     assert ("2 added" if tuned_rows > base_rows else "2 removed") in note
-    delta = make_delta(b, t, pairs[name], Options())
-    assert delta.values is not None and torch.allclose(delta.values, torch.full((shared, 16), 0.1), atol=1e-6)  # type: ignore[union-attr]
-    assert delta.base_norm == pytest.approx(float(torch.linalg.vector_norm(w[:shared].double())))  # type: ignore[union-attr]
+    d = delta(pairs[name])
+    assert d.values is not None and torch.allclose(d.values, torch.full((shared, 16), 0.1), atol=1e-6)
+    assert d.base_norm == pytest.approx(float(torch.linalg.vector_norm(w[:shared].double())))
 
 
 def test_other_shape_changes_are_not_compared(tmp_path: Path) -> None:

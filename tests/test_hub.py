@@ -187,3 +187,74 @@ def test_a_cached_adapter_resolves_like_a_folder(tmp_path: Path, cache: Path) ->
     assert layer.name == "model.proj.weight" and layer.method == "factored-f64"
     np.testing.assert_allclose(layer.s, expected, rtol=1e-12)
     assert layer.relative_change == pytest.approx(np.sqrt(np.sum(expected**2)) / float(torch.linalg.norm(w.double())))
+
+
+def _downloading_from(tuned_files: dict[str, bytes], cache: Path, calls: list[list[str]]) -> Any:
+    """A fake snapshot_download serving `tuned_files` (name -> bytes), recording the allow_patterns of each call."""
+    commit = "d" * 40
+
+    def fake_snapshot_download(repo_id: str, **kw: Any) -> str:
+        calls.append(list(kw["allow_patterns"]))
+        folder = cache / "models--org--tuned" / "snapshots" / commit
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in tuned_files.items():
+            if any(Path(name).match(p) for p in kw["allow_patterns"]):
+                (folder / name).write_bytes(data)
+        return str(folder)
+
+    return fake_snapshot_download
+
+
+def test_download_matches_shard_names_literally(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard named `*.safetensors` or `[x].safetensors` must fetch that file, not every file the glob matches."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "s.safetensors"))
+    shard = (tmp_path / "s.safetensors").read_bytes()
+    index = json.dumps({"weight_map": {"w": "*.safetensors", "v": "[x].safetensors"}}).encode()
+    files = {"model.safetensors.index.json": index, "*.safetensors": shard, "[x].safetensors": shard}
+    files["other.safetensors"] = shard
+    calls: list[list[str]] = []
+    monkeypatch.setattr(hub, "snapshot_download", _downloading_from(files, cache, calls))
+    with pytest.raises(CheckpointError):  # both shards hold "w": refused as ambiguous, after a literal download
+        open_checkpoint("org/tuned", download=True)
+    assert calls[1] == ["model.safetensors.index.json", "[*].safetensors", "[[]x].safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("shard", "fragment"),
+    [
+        ("../../../x.safetensors", "outside the folder"),
+        ("pytorch_model.bin", "pickle"),
+        ("/abs.safetensors", "absolute"),
+    ],
+)
+def test_download_refuses_an_index_naming_hostile_shards(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, shard: str, fragment: str
+) -> None:
+    import json
+
+    index = json.dumps({"weight_map": {"w": shard}}).encode()
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        hub, "snapshot_download", _downloading_from({"model.safetensors.index.json": index}, cache, calls)
+    )
+    with pytest.raises(CheckpointError, match=f"weight_map entry 'w' names shard .*{fragment}") as exc:
+        open_checkpoint("org/tuned", download=True)
+    assert len(calls) == 1 and "\n" not in str(exc.value)  # refused before any weight is fetched
+
+
+def test_hub_messages_escape_control_characters(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub, "snapshot_download", _no_network(hub.snapshot_download))
+    with pytest.raises(CheckpointError) as exc:
+        open_checkpoint("org/name@\x1b[2Jrev")
+    message = str(exc.value)
+    assert "\x1b" not in message and "\\x1b[2Jrev" in message and len(message.splitlines()) == 1
+
+
+def test_resolve_hub_id_refuses_a_non_id_without_assert() -> None:
+    with pytest.raises(CheckpointError, match="not a hub id"):
+        resolve_hub_id("../not/an/id")

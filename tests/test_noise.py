@@ -6,6 +6,7 @@ rank 8 with equal singular values and ‖Δ‖_F/‖W‖_F = `rel`; both roundin
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import torch
 from conftest import planted_matrix, save_checkpoint
 from spectra import Analysis, Options, analyze
 from spectra.io.checkpoint import open_checkpoint
-from spectra.plan.dense import make_delta, pair_tensors
+from spectra.io.tensors import Handles
+from spectra.plan.delta import make_delta
+from spectra.plan.dense import plan_pair
 from spectra.records import Delta
 
 SHAPE = (256, 320)
@@ -48,8 +51,9 @@ def analyze_pair(base: Path, tuned: Path) -> Analysis:
 
 def delta_of(base: Path, tuned: Path) -> Delta:
     with open_checkpoint(str(base)) as b, open_checkpoint(str(tuned)) as t:
-        (pair,), _ = pair_tensors(b, t, Options())
-        delta = make_delta(b, t, pair, Options(precision="exact"))
+        (job,) = plan_pair(b, t, Options()).jobs
+    with contextlib.closing(Handles()) as handles:
+        delta = make_delta(job, handles, wide=True)  # as precision="exact" asks for it
     assert isinstance(delta, Delta)
     return delta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from conftest import LAYOUTS, PairFactory, expected_rank, save_checkpoint
 from spectra import Analysis, MismatchError, Options, analyze, load_analysis, save_analysis
 from spectra.io.store import analysis_from_dict, analysis_to_dict
+from spectra.pipeline import analyze_many
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.99, 1.0)
 
@@ -155,3 +157,66 @@ def test_resized_vocabulary_is_analysed_over_shared_rows_with_a_note(tmp_path: P
 def load_analysis_round_trip(analysis: Analysis, tmp_path: Path) -> Analysis:
     save_analysis(analysis, tmp_path / "a.json")
     return load_analysis(tmp_path / "a.json")
+
+
+def without_timing(analysis: Analysis) -> dict[str, object]:
+    data = analysis_to_dict(analysis)
+    for key in ("elapsed_s", "created", "version"):
+        data.pop(key)
+    return data
+
+
+def test_paths_may_be_path_objects_and_are_stored_as_strings(planted_pair: PairFactory, tmp_path: Path) -> None:
+    base, tuned, _ = planted_pair()
+    analysis = analyze(base, tuned)  # pathlib.Path, not str
+    assert analysis.base == str(base) and analysis.tuned == str(tuned) and type(analysis.base) is str
+    assert without_timing(load_analysis(save_analysis(analysis, tmp_path / "a.json"))) == without_timing(analysis)
+    assert without_timing(analysis) == without_timing(analyze(str(base), str(tuned)))
+
+
+@pytest.fixture
+def one_base_two_tuned(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A base and two fine-tunes with different planted updates; the second leaves one matrix unchanged."""
+    rng = np.random.default_rng(9)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)] + ["model.layers.0.self_attn.q_proj.weight"]
+    base = {n: rng.standard_normal((40, 32)) for n in names}
+    tuned = [
+        {n: w + 0.1 * rng.standard_normal((40, 4)) @ rng.standard_normal((4, 32)) for n, w in base.items()},
+        {n: w + (0 if i == 2 else 0.05 * rng.standard_normal((40, 32))) for i, (n, w) in enumerate(base.items())},
+    ]
+    as_torch = lambda d: {k: torch.from_numpy(v).float() for k, v in d.items()}  # noqa: E731
+    return save_checkpoint(as_torch(base), tmp_path / "base"), [
+        save_checkpoint(as_torch(t), tmp_path / f"t{i}") for i, t in enumerate(tuned)
+    ]
+
+
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_analyze_many_equals_each_pair_analysed_alone(
+    one_base_two_tuned: tuple[Path, list[Path]], precision: str
+) -> None:
+    base, tuned = one_base_two_tuned
+    options = Options(precision=precision, threads=2)
+    sizes: list[int] = []
+
+    def progress(items: Any) -> Any:
+        sizes.append(len(items))
+        return items
+
+    many = analyze_many(base, tuned, options, progress=progress)
+    assert sizes == [8]  # every matrix of both inputs, unchanged ones included
+    assert [a.tuned for a in many] == [str(t) for t in tuned]
+    for analysis, t in zip(many, tuned, strict=True):
+        alone = analyze(base, t, options)
+        assert without_timing(analysis) == without_timing(alone)
+        for x, y in zip(analysis.layers, alone.layers, strict=True):
+            np.testing.assert_array_equal(x.s, y.s)
+    assert [s.name for s in many[1].skipped if s.reason == "unchanged"] == ["model.layers.2.mlp.up_proj.weight"]
+    assert {lm.rank for lm in many[0].layers} == {4} and len(many[1].layers) == 3
+
+
+def test_analyze_many_names_the_input_that_changed_nothing(
+    one_base_two_tuned: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    base, tuned = one_base_two_tuned
+    with pytest.raises(MismatchError, match=rf"{tmp_path / 'base'}.*nothing changed"):
+        analyze_many(base, [tuned[0], base])

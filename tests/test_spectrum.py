@@ -1,11 +1,15 @@
-"""spectrum: σ against float64 LAPACK (scipy), fast == exact on every energy quantity, batching, factored deltas."""
+"""Values kernel × local executor: σ against float64 LAPACK (scipy), fast == exact on every energy quantity, CPU
+workers, stacked batches, factored deltas, read-ahead and memory bounds. Matrices are handed to the executor by a
+stand-in materialiser (the public `materialize` seam), so no checkpoint files are needed."""
 
 from __future__ import annotations
 
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +20,13 @@ from conftest import planted_matrix, planted_spectra, requires_cuda
 from spectra import Options
 from spectra.analysis.metrics import captured_energy, energy_rank, stable_rank
 from spectra.engine import sigma
-from spectra.engine.local import _batches, _compute_batch, _on_device, _prefetch, compute_spectra, resolve_device
+from spectra.engine.kernels import Values
+from spectra.engine.local import LocalExecutor, Materialize, resolve_device
 from spectra.engine.sigma import SMALL_K, U32, frobenius_energy, full_float32, gram_matrix, unresolved
-from spectra.records import Delta, Spectrum
+from spectra.io.header import TensorEntry
+from spectra.io.tensors import Handles
+from spectra.plan.jobs import Dense, Job
+from spectra.records import Delta, Resources, Skipped, Spectrum
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
 
@@ -27,8 +35,54 @@ def dense(name: str, x: np.ndarray, dtype: torch.dtype = torch.float32) -> Delta
     return Delta(name, (x.shape[0], x.shape[1]), torch.from_numpy(x).to(dtype), None, 1.0, "f32", 0.0)
 
 
-def run(deltas: list[Delta], **options: object) -> list[Spectrum]:
-    return list(compute_spectra(iter(deltas), Options(**options), torch.device("cpu")))  # type: ignore[arg-type]
+def job(name: str, shape: tuple[int, int]) -> Job:
+    """A job whose tensor is never read: the stand-in materialisers below hand over the matrix."""
+    entry = TensorEntry(name, shape, "F32", Path("/nonexistent.safetensors"), 0, 4 * shape[0] * shape[1])
+    return Job(name, shape, Dense(entry, None, shape[0]))
+
+
+def handing_over(deltas: Sequence[Delta]) -> tuple[list[Job], Materialize]:
+    """Jobs for `deltas`, and a materialiser that returns each job's delta."""
+    by_name = {d.name: d for d in deltas}
+
+    def materialize(job: Job, handles: Handles, *, wide: bool = False) -> Delta | Skipped:
+        return by_name[job.name]
+
+    return [job(d.name, d.shape) for d in deltas], materialize
+
+
+def executor(materialize: Materialize, stacked: bool | None = None, **options: object) -> LocalExecutor:
+    opts = Options(**options)  # type: ignore[arg-type]
+    return LocalExecutor(Resources("cpu", opts.threads, opts.batch_bytes), stacked=stacked, materialize=materialize)
+
+
+def run(deltas: list[Delta], stacked: bool | None = None, **options: object) -> list[Spectrum]:
+    """The spectra of `deltas` from the local executor, checking it returns (job, result) in input order."""
+    jobs, materialize = handing_over(deltas)
+    got = list(executor(materialize, stacked, **options).run(jobs, Values(str(options.get("precision", "fast")))))
+    assert [j for j, _ in got] == jobs and [r.name for _, r in got] == [j.name for j in jobs]
+    spectra = [r for _, r in got]
+    assert all(isinstance(sp, Spectrum) for sp in spectra)
+    return spectra  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A kernel that delegates to Values and records the size of every batch it is given."""
+
+    inner: Values
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def wide(self) -> bool:
+        return self.inner.wide
+
+    def compute(self, deltas: Sequence[Delta], threads: int | None = None) -> list[Spectrum]:
+        self.sizes.append(len(deltas))
+        return self.inner.compute(deltas, threads)
+
+    def result_nbytes(self, shape: tuple[int, int]) -> int:
+        return self.inner.result_nbytes(shape)
 
 
 def test_exact_matches_scipy_float64_svd() -> None:
@@ -172,11 +226,12 @@ def test_batches_give_the_same_spectra_as_single_matrices_in_input_order() -> No
     rng = np.random.default_rng(4)
     deltas = [dense(f"m{i}", rng.standard_normal((32, 24))) for i in range(7)]
     deltas.insert(3, dense("odd", rng.standard_normal((24, 32))))
-    one_by_one = run(deltas, batch_bytes=1)
-    batched = run(deltas, batch_bytes=10**9)
-    assert [s.name for s in batched] == [d.name for d in deltas] == [s.name for s in one_by_one]
-    for a, b in zip(one_by_one, batched, strict=True):
-        np.testing.assert_allclose(a.s, b.s, rtol=1e-5, atol=1e-6 * a.s[0])
+    for stacked in (False, True):
+        one_by_one = run(deltas, stacked, batch_bytes=1)
+        batched = run(deltas, stacked, batch_bytes=10**9)
+        assert [s.name for s in batched] == [d.name for d in deltas] == [s.name for s in one_by_one]
+        for a, b in zip(one_by_one, batched, strict=True):
+            np.testing.assert_allclose(a.s, b.s, rtol=1e-5, atol=1e-6 * a.s[0])
 
 
 @pytest.mark.parametrize("precision", ["fast", "exact"])
@@ -186,35 +241,40 @@ def test_stacked_batch_path_matches_the_cpu_workers(precision: str) -> None:
     xs = [rng.standard_normal((32, 24)) for _ in range(5)] + [rng.standard_normal((300, 280)) for _ in range(2)]
     dtype = torch.float64 if precision == "exact" else torch.float32
     deltas = [dense(f"m{i}", x, dtype) for i, x in enumerate(xs)]
-    cpu = torch.device("cpu")
-    two = 2 * deltas[0].values.numel() * deltas[0].values.element_size()  # type: ignore[union-attr]
-    batches = list(_batches(_on_device(iter(deltas), cpu), budget=two + 1))
-    assert [len(b) for b in batches] == [2, 2, 1, 1, 1]  # same shape, within the budget, cut as soon as full
-    stacked = [sp for b in batches for sp in _compute_batch(b, precision, cpu)]
+    kernel = Recording(Values(precision))
+    one = deltas[0].values.numel() * deltas[0].values.element_size() + kernel.result_nbytes((32, 24))  # type: ignore[union-attr]
+    jobs, materialize = handing_over(deltas)
+    stacked = list(executor(materialize, stacked=True, batch_bytes=2 * one + 1).run(jobs, kernel))
+    assert kernel.sizes == [2, 2, 1, 1, 1]  # same shape, within the budget (matrices and results), cut when full
+    assert [j for j, _ in stacked] == jobs
     tol = 1e-12 if precision == "exact" else 1e-5  # float32 Gram: thread counts change the rounding
-    for a, b in zip(run(deltas, precision=precision), stacked, strict=True):
+    for a, (_, b) in zip(run(deltas, precision=precision), stacked, strict=True):
+        assert isinstance(b, Spectrum)
         assert (a.name, a.method, a.energy) == (b.name, b.method, pytest.approx(b.energy, rel=1e-14))
         np.testing.assert_allclose(a.s, b.s, rtol=0, atol=tol * a.s[0])
 
 
-def test_factored_delta_matches_the_dense_product() -> None:
+@pytest.mark.parametrize("stacked", [False, True])
+def test_factored_delta_matches_the_dense_product(stacked: bool) -> None:
     rng = np.random.default_rng(5)
     b, a = rng.standard_normal((70, 6)) * 3, rng.standard_normal((6, 50))
     delta = Delta("f", (70, 50), None, (torch.from_numpy(b).float(), torch.from_numpy(a).float()), None, "f32", 0.0)
-    sp = run([delta])[0]
+    (sp,) = run([delta], stacked)
     ref = scipy.linalg.svdvals(b.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64))
     assert sp.method == "factored-f64" and len(sp.s) == 6
     np.testing.assert_allclose(sp.s, ref[:6], rtol=1e-10)
     assert sp.energy == pytest.approx(float(np.sum(ref**2)), rel=1e-10)
 
 
-def test_reader_errors_reach_the_caller() -> None:
-    def deltas() -> Iterator[Delta]:
-        yield dense("ok", np.ones((4, 4)))
+@pytest.mark.parametrize("stacked", [False, True])
+def test_reader_errors_reach_the_caller(stacked: bool) -> None:
+    def materialize(job: Job, handles: Handles, *, wide: bool = False) -> Delta | Skipped:
+        if job.name == "ok":
+            return dense("ok", np.ones((4, 4)))
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        list(compute_spectra(deltas(), Options(), torch.device("cpu")))
+        list(executor(materialize, stacked).run([job("ok", (4, 4)), job("bad", (4, 4))], Values()))
 
 
 def test_cpu_workers_keep_input_order_with_matrices_that_run_alone() -> None:
@@ -231,18 +291,20 @@ def test_cpu_workers_keep_input_order_with_matrices_that_run_alone() -> None:
 
 
 def test_reader_holds_at_most_one_finished_item_ahead() -> None:
-    produced: list[int] = []
+    """Read-ahead is one item: while result i is being used, at most item i+1 has been read."""
+    rng = np.random.default_rng(13)
+    produced: list[str] = []
 
-    def items() -> Iterator[int]:
-        for i in range(6):
-            produced.append(i)
-            yield i
+    def materialize(job: Job, handles: Handles, *, wide: bool = False) -> Delta | Skipped:
+        produced.append(job.name)
+        return dense(job.name, rng.standard_normal((8, 6)))
 
+    jobs = [job(f"m{i}", (8, 6)) for i in range(6)]
     ahead = []
-    for i in _prefetch(items()):
+    for i, _ in enumerate(executor(materialize, stacked=True, batch_bytes=1).run(jobs, Values())):
         time.sleep(0.02)  # a slow consumer: the reader has every chance to run ahead
         ahead.append(len(produced) - i - 1)
-    assert max(ahead) <= 1 and produced == list(range(6))
+    assert max(ahead) <= 1 and produced == [j.name for j in jobs]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -252,16 +314,15 @@ def test_reader_builds_no_matrix_while_one_larger_than_the_budget_is_held(thread
     alive: list[weakref.ref[torch.Tensor]] = []
     held_when_built: list[int] = []
 
-    def deltas() -> Iterator[Delta]:
-        for i in range(6):
-            held_when_built.append(sum(ref() is not None for ref in alive))
-            delta = dense(f"m{i}", rng.standard_normal((90, 60)))  # 21600 B each, budget 20000 B
-            alive.append(weakref.ref(delta.values))  # type: ignore[arg-type]
-            yield delta
-            del delta
+    def materialize(job: Job, handles: Handles, *, wide: bool = False) -> Delta | Skipped:
+        held_when_built.append(sum(ref() is not None for ref in alive))
+        delta = dense(job.name, rng.standard_normal((90, 60)))  # 21600 B each, budget 20000 B
+        alive.append(weakref.ref(delta.values))  # type: ignore[arg-type]
+        return delta
 
-    got = list(compute_spectra(deltas(), Options(batch_bytes=20_000, threads=threads), torch.device("cpu")))
-    assert [sp.name for sp in got] == [f"m{i}" for i in range(6)]
+    jobs = [job(f"m{i}", (90, 60)) for i in range(6)]
+    got = list(executor(materialize, batch_bytes=20_000, threads=threads).run(jobs, Values()))
+    assert [sp.name for _, sp in got] == [f"m{i}" for i in range(6)]
     assert held_when_built == [0] * 6
 
 
@@ -280,6 +341,7 @@ def test_threads_option_is_restored() -> None:
 def test_auto_device_without_gpu_is_cpu() -> None:
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "cpu"
+    assert LocalExecutor().device.type == "cpu" and not LocalExecutor().stacked  # the default executor
 
 
 @requires_cuda
@@ -292,8 +354,12 @@ def test_cuda_matches_cpu(precision: str) -> None:
         for i, k in enumerate(["power", "rank8", "step"])
     ]
     cpu = run(deltas, precision=precision)
-    gpu = list(compute_spectra(iter(deltas), Options(precision=precision), torch.device("cuda")))
+    jobs, materialize = handing_over(deltas)
+    cuda = LocalExecutor(Resources("cuda"), materialize=materialize)
+    assert cuda.stacked
+    gpu = [sp for _, sp in cuda.run(jobs, Values(precision))]
     for a, b in zip(cpu, gpu, strict=True):
+        assert isinstance(b, Spectrum)
         np.testing.assert_allclose(a.s, b.s, atol=1e-6 * a.s[0])
         for tau in (0.5, 0.9, 0.99):
             assert energy_rank(a.s, tau, a.energy) == energy_rank(b.s, tau, b.energy)

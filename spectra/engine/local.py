@@ -1,18 +1,21 @@
-"""ΔW -> Spectrum on the CPU or a GPU: devices, batching, worker threads and read-ahead. The σ math is sigma.py.
+"""The local executor: jobs → results in this process, on the CPU or a GPU (devices, batching, worker threads,
+read-ahead and the memory budget). What is computed per matrix is the kernel's business (kernels.py).
 
-Scheduling. A background reader thread reads and diffs ahead while the linear algebra runs; it hands one item
-over and waits until it is taken before building the next, so memory stays bounded whatever the model size.
+Scheduling. A background reader thread materialises jobs (reads and diffs) ahead while the linear algebra runs;
+it hands one item over and waits until it is taken before building the next, so memory stays bounded whatever the
+model size. It opens files through its own handle cache.
 - CUDA: the reader moves each ΔW to the device as soon as it is formed (host memory holds one ΔW at a time), and
-  same-shape matrices are stacked into one call up to a byte budget (a sixth of free device memory: the batch,
-  its stacked copy and the reader's next batch fit in half); the whole ΔW → Gram → eigvalsh chain stays on the
-  device and only σ comes back.
+  same-shape matrices are stacked into one call up to a byte budget counting the matrices and their results (a
+  sixth of free device memory: the batch, its stacked copy and the reader's next batch fit in half); the whole
+  ΔW → result chain stays on the device and only CPU results come back.
 - CPU: matrices are spread over `threads` worker threads that each run single-threaded BLAS/LAPACK, up to the
   byte budget in flight. LAPACK's own threading forks and joins threads at every Householder step of the
   eigensolver, which on a small machine shared with other processes is many times slower than one thread per
   matrix. A matrix larger than budget/threads runs alone, its matrix products on all threads. The reader's torch
-  operations run on one thread, and it starts the next ΔW only while the ΔW bytes read and not yet computed are
-  within the budget: a matrix larger than the budget (an embedding) is never read while another is held, and
-  peak memory is about budget + the largest ΔW (in float32), whatever the model size.
+  operations run on one thread, and it starts the next ΔW only while the bytes held (ΔW read and not yet
+  computed, plus results computed or being computed and not yet handed to the caller) are within the budget: a
+  matrix larger than the budget (an embedding) is never read while another is held, and peak memory is about
+  budget + the largest ΔW (in float32), whatever the model size.
 """
 
 from __future__ import annotations
@@ -23,35 +26,37 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
-import queue
-import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Final, TypeVar
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Final, Generic, Protocol, TypeVar, cast
 
 import torch
 
-from spectra.engine.sigma import (
-    cpu_threads,
-    exact_values,
-    factored_values,
-    fast_values,
-    frobenius_energy,
-    full_float32,
-)
+from spectra.engine.kernels import Kernel
+from spectra.engine.reader import DONE, Ledger, ReadAhead, Signal
+from spectra.engine.sigma import cpu_threads, full_float32
 from spectra.errors import OptionsError
-from spectra.records import Delta, Options, Spectrum
+from spectra.io.tensors import Handles
+from spectra.plan.delta import make_delta
+from spectra.plan.jobs import Job
+from spectra.records import Delta, Resources, Skipped
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R")
 T = TypeVar("T")
+Item = tuple[Job, Delta | Skipped]
 
-CPU_BATCH_BYTES: Final = 128 * 2**20  # ΔW bytes in flight on the CPU workers
+CPU_BATCH_BYTES: Final = 128 * 2**20  # ΔW (and result) bytes in flight on the CPU workers
 TRIM_EVERY: Final = 2**30  # ΔW bytes computed on the CPU between two malloc_trim calls
 READER_THREADS: Final = 1  # intra-op threads of the CPU reader thread (upcast, subtract, norms)
-CPU: Final = torch.device("cpu")
-_DONE: Final = object()
+
+
+class Materialize(Protocol):
+    """How a job becomes a matrix: spectra.plan.delta.make_delta, or a stand-in in tests."""
+
+    def __call__(self, job: Job, handles: Handles, *, wide: bool = False) -> Delta | Skipped: ...
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,248 +70,210 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def batch_budget(options: Options, device: torch.device) -> int:
-    """Bytes of ΔW computed at once: the option, or a sixth of free GPU memory, or 128 MiB on the CPU."""
-    if options.batch_bytes is not None:
-        return options.batch_bytes
+def batch_budget(resources: Resources, device: torch.device) -> int:
+    """Bytes computed at once: the resource's, or a sixth of free GPU memory, or 128 MiB on the CPU."""
+    if resources.batch_bytes is not None:
+        return resources.batch_bytes
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(free // 6, 1)
     return CPU_BATCH_BYTES
 
 
-def compute_spectra(deltas: Iterable[Delta], options: Options, device: torch.device) -> Generator[Spectrum, None, None]:
-    """Yield the Spectrum of each Delta, in input order, reading ahead on a background thread.
+class LocalExecutor:
+    """Runs jobs in this process: a reader thread ahead, then CPU worker threads or stacked batches on one GPU.
 
     Args:
-        deltas: ΔW records; producing them (disk reads, subtraction) runs on the reader thread.
-        options: precision, batch_bytes and threads are used.
-        device: where the linear algebra runs.
+        resources: device (resolved), threads, batch bytes.
+        stacked: stack same-shape matrices into batched calls (the GPU path); None: on CUDA only. On a CPU it
+            runs the GPU code path, for testing.
+        materialize: turns a job into its matrix on the reader thread (default: spectra.plan.delta.make_delta).
     """
-    budget = batch_budget(options, device)
-    with cpu_threads(options.threads), full_float32():
-        if device.type == "cpu":
-            workers = torch.get_num_threads()
-            log.info(
-                "spectrum: cpu, %d workers, precision %s, %d MiB in flight", workers, options.precision, budget >> 20
-            )
-            ledger = _Ledger(budget)
-            with contextlib.closing(_prefetch(iter(deltas), READER_THREADS, ledger, _nbytes)) as items:
-                yield from _compute_cpu(items, options.precision, budget, workers, ledger)
-        else:
-            log.info("spectrum: %s, precision %s, batch budget %d MiB", device, options.precision, budget >> 20)
-            with contextlib.closing(_prefetch(_batches(_on_device(deltas, device), budget))) as batches:
-                for batch in batches:
-                    yield from _compute_batch(batch, options.precision, device)
+
+    def __init__(
+        self, resources: Resources | None = None, *, stacked: bool | None = None, materialize: Materialize = make_delta
+    ) -> None:
+        self.resources = resources or Resources()
+        self.device = torch.device(self.resources.device)
+        self.stacked = self.device.type == "cuda" if stacked is None else stacked
+        self.materialize = materialize
+
+    def run(self, jobs: Sequence[Job], kernel: Kernel[R]) -> Generator[tuple[Job, R | Skipped], None, None]:
+        """(job, result) for every job, in the order given; see the module docstring for the scheduling."""
+        budget = batch_budget(self.resources, self.device)
+        handles = Handles()  # used by the reader thread only; closed once it has stopped
+        try:
+            with cpu_threads(self.resources.threads), full_float32():
+                items = self._deltas(jobs, kernel, handles)
+                if not self.stacked:
+                    workers = torch.get_num_threads()
+                    log.info("engine: cpu, %d workers, %s, %d MiB in flight", workers, kernel, budget >> 20)
+                    ledger = Ledger(budget)
+                    with contextlib.closing(ReadAhead(items, READER_THREADS, ledger, _item_nbytes)) as reader:
+                        yield from _compute_cpu(reader, kernel, budget, workers, ledger)
+                else:
+                    log.info("engine: %s, %s, batch budget %d MiB", self.device, kernel, budget >> 20)
+                    batches = _batches(_on_device(items, self.device), budget, kernel)
+                    with contextlib.closing(ReadAhead(batches)) as reader:
+                        for batch in reader:
+                            yield from _compute_batch(batch, kernel)
+        finally:
+            handles.close()
+
+    def _deltas(self, jobs: Iterable[Job], kernel: Kernel[R], handles: Handles) -> Iterator[Item]:
+        for job in jobs:  # runs on the reader thread
+            yield job, self.materialize(job, handles, wide=kernel.wide)
 
 
-def _batches(deltas: Iterable[Delta], budget: int) -> Iterator[list[Delta]]:
-    """Group consecutive same-shape dense deltas into batches of at most `budget` bytes (at least one each).
+def _batches(items: Iterable[Item], budget: int, kernel: Kernel[R]) -> Iterator[list[Item]]:
+    """Group consecutive same-shape dense deltas into batches of at most `budget` bytes with their results (at
+    least one each); a factored delta is a batch of its own; Skipped items ride along with the current batch.
 
     A batch is handed on as soon as one more matrix of its shape would not fit, without reading the next delta.
     """
-    batch: list[Delta] = []
+    batch: list[Item] = []
+    head: Delta | None = None
     size = 0
-    for delta in deltas:
-        nbytes = _nbytes(delta)
-        fits = batch and delta.values is not None and batch[0].values is not None
-        if batch and not (fits and batch[0].shape == delta.shape and size + nbytes <= budget):
+    for job, delta in items:
+        if isinstance(delta, Skipped):
+            batch.append((job, delta))
+            continue
+        nbytes = _nbytes(delta) + kernel.result_nbytes(delta.shape)
+        fits = head is not None and delta.values is not None and head.values is not None
+        if head is not None and not (fits and head.shape == delta.shape and size + nbytes <= budget):
             yield batch
-            batch, size = [], 0
-        batch.append(delta)
+            batch, head, size = [], None, 0
+        batch.append((job, delta))
+        head = head or delta
         size += nbytes
         if delta.values is not None and size + nbytes > budget:
             yield batch
-            batch, size = [], 0
+            batch, head, size = [], None, 0
     if batch:
         yield batch
 
 
-def _on_device(deltas: Iterable[Delta], device: torch.device) -> Iterator[Delta]:
-    """The deltas with dense values moved to `device` (on the reader thread; factors stay where they are)."""
-    for delta in deltas:
-        if delta.values is not None and delta.values.device != device:
-            delta = dataclasses.replace(delta, values=delta.values.to(device))
-        yield delta
+def _on_device(items: Iterable[Item], device: torch.device) -> Iterator[Item]:
+    """The items with their tensors moved to `device` (on the reader thread)."""
+    for job, delta in items:
+        if isinstance(delta, Delta):
+            if delta.values is not None and delta.values.device != device:
+                delta = dataclasses.replace(delta, values=delta.values.to(device))
+            elif delta.factors is not None and delta.factors[0].device != device:
+                b, a = (f.to(device) for f in delta.factors)
+                delta = dataclasses.replace(delta, factors=(b, a))
+        yield job, delta
+
+
+def _compute_batch(batch: list[Item], kernel: Kernel[R]) -> Iterator[tuple[Job, R | Skipped]]:
+    deltas = [d for _, d in batch if isinstance(d, Delta)]
+    results = iter(kernel.compute(deltas) if deltas else [])
+    del deltas
+    for job, delta in batch:
+        yield job, delta if isinstance(delta, Skipped) else next(results)
 
 
 def _nbytes(delta: Delta) -> int:
     return delta.values.numel() * delta.values.element_size() if delta.values is not None else 0
 
 
-class _Ledger:
-    """Bytes read ahead and not yet computed, shared by the reader (charge, wait) and the consumer (release)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-        self._changed = threading.Condition()
-
-    def charge(self, nbytes: int) -> None:
-        with self._changed:
-            self.held += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._changed:
-            self.held -= nbytes
-            self._changed.notify_all()
-
-    def wait_within(self, stop: threading.Event) -> bool:
-        """Block until at most `limit` bytes are held; False if `stop` was set meanwhile."""
-        with self._changed:
-            while self.held > self.limit:
-                if stop.is_set():
-                    return False
-                self._changed.wait(timeout=0.1)
-        return not stop.is_set()
+def _item_nbytes(item: Item) -> int:
+    return _nbytes(item[1]) if isinstance(item[1], Delta) else 0
 
 
-def _prefetch(
-    items: Iterator[T],
-    reader_threads: int | None = None,
-    ledger: _Ledger | None = None,
-    size: Callable[[T], int] | None = None,
-) -> Generator[T, None, None]:
-    """Run `items` on a reader thread, one item ahead; re-raise its errors here.
-
-    The reader starts on item i+1 once item i is taken, and waits with i+1 ready until i+1 is taken: it never
-    holds more than one finished item. With a ledger, it also waits before starting an item until the ledger is
-    within its limit, and charges each item's `size` to it (the consumer releases it once the item is done with).
-
-    Args:
-        items: the producer; it runs entirely on the reader thread.
-        reader_threads: torch intra-op threads for the reader (thread counts are per calling thread); None: as is.
-        ledger: bytes in flight, released by the consumer; None: no limit besides one item ahead.
-        size: an item's bytes for the ledger.
-    """
-    slots: queue.Queue[object] = queue.Queue(maxsize=1)
-    taken = threading.Semaphore(0)
-    stop = threading.Event()
-
-    def reader() -> None:
-        if reader_threads is not None:
-            torch.set_num_threads(reader_threads)
-        try:
-            while ledger is None or ledger.wait_within(stop):
-                item = next(items, _DONE)
-                if item is _DONE:
-                    slots.put(_DONE)
-                    return
-                if ledger is not None and size is not None:
-                    ledger.charge(size(item))  # type: ignore[arg-type]  # not _DONE: a T
-                slots.put(item)  # the slot is free: the previous item was taken
-                del item
-                while not taken.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            slots.put(exc)
-
-    thread = threading.Thread(target=reader, name="spectra-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            got = slots.get()
-            taken.release()
-            if got is _DONE:
-                break
-            if isinstance(got, BaseException):
-                raise got
-            yield got  # type: ignore[misc]  # anything but _DONE or an exception is a T from `items`
-            del got
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            slots.get_nowait()
-        thread.join()
+@dataclasses.dataclass(slots=True)
+class _Pending(Generic[R]):
+    job: Job
+    future: Future[R | Skipped]
+    nbytes: int  # ΔW + reserved result bytes, released from the consumer's count when handed over
+    result_bytes: int  # charged to the ledger at submission, released when handed over
+    big: bool  # runs alone, on all threads
+    running: bool  # a worker's future (False: a Skipped passed through in order)
 
 
 def _compute_cpu(
-    deltas: Iterator[Delta], precision: str, budget: int, workers: int, ledger: _Ledger | None = None
-) -> Iterator[Spectrum]:
-    """Spectra of `deltas` in input order, at most 2·`workers` matrices (a worker that finishes first finds the
-    next one queued) and `budget` bytes in flight. Each matrix's bytes are released from `ledger` as soon as its
-    worker is done with it, not when its result is collected: the reader may be waiting for exactly those bytes
-    while this loop waits for the reader.
+    reader: ReadAhead[Item], kernel: Kernel[R], budget: int, workers: int, ledger: Ledger
+) -> Iterator[tuple[Job, R | Skipped]]:
+    """Results of the reader's items in input order, at most 2·`workers` matrices (a worker that finishes first
+    finds the next one queued) and `budget` bytes in flight. Each ΔW's bytes are released from `ledger` as soon as
+    its worker is done with it, not when its result is handed over: the reader may be waiting for exactly those
+    bytes while this loop waits for the reader. A result's bytes are charged from submission until the caller,
+    having taken it, asks for the next one; finished results are handed over while this loop waits for the reader
+    (which may be waiting for exactly their bytes), so neither waits for the other forever.
 
     Each worker runs single-threaded; a matrix of more than budget/workers bytes runs alone, with `workers`
     threads for its matrix products (its eigensolver stays on one thread). Freed memory is handed back to the
     system (malloc_trim) before a matrix of more than budget/2 bytes starts and after every TRIM_EVERY bytes:
     glibc otherwise keeps the freed blocks of the many mid-sized tensors, and peak RSS grows with the model.
     """
-    pending: deque[tuple[Future[Spectrum], int, bool]] = deque()
-    in_flight = done = 0
+    pending: deque[_Pending[R]] = deque()
+    waiting: Item | None = None
+    finished = False
+    in_flight = done = running = 0
     with ThreadPoolExecutor(workers, "spectra-cpu", initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for delta in deltas:
+        while True:
+            while pending and pending[0].future.done():
+                entry = pending.popleft()
+                in_flight -= entry.nbytes
+                done += entry.nbytes
+                running -= entry.running
+                reserved = entry.result_bytes
+                yield entry.job, entry.future.result()
+                del entry  # the result is the caller's now: its bytes no longer count here
+                ledger.release(reserved)
+            if waiting is None and not finished:
+                got = reader.next()  # wakes when a worker finishes, to hand its result over
+                if got is DONE:
+                    finished = True
+                elif not isinstance(got, Signal):
+                    waiting = got
+                del got
+                continue
+            if waiting is None:
+                if not pending:
+                    return
+                wait([pending[0].future])
+                continue
+            job, delta = waiting
+            if isinstance(delta, Skipped):
+                pending.append(_Pending(job, _ready(delta), 0, 0, False, False))
+                waiting = None
+                continue
             nbytes = _nbytes(delta)
+            result_bytes = kernel.result_nbytes(delta.shape)
             big = workers > 1 and nbytes > budget // workers
-            while pending and (big or pending[0][2] or len(pending) >= 2 * workers or in_flight + nbytes > budget):
-                future, size, _ = pending.popleft()
-                in_flight -= size
-                done += size
-                yield future.result()
+            size = nbytes + result_bytes
+            if running and (big or pending[0].big or running >= 2 * workers or in_flight + size > budget):
+                wait([pending[0].future])
+                continue
             if nbytes > budget // 2 or done >= TRIM_EVERY:
                 _trim()
                 done = 0
-            future = pool.submit(_cpu_spectrum, [delta], precision, workers if big else 1)
-            if ledger is not None:
-                future.add_done_callback(functools.partial(_release, ledger, nbytes))
-            pending.append((future, nbytes, big))
-            in_flight += nbytes
+            ledger.charge(result_bytes)
+            future = cast(Future[R | Skipped], pool.submit(_work, [delta], kernel, workers if big else 1))
+            future.add_done_callback(functools.partial(_release, ledger, nbytes, reader))
+            pending.append(_Pending(job, future, size, result_bytes, big, True))
+            in_flight += size
+            running += 1
+            waiting = None
             del delta
-        while pending:
-            yield pending.popleft()[0].result()
 
 
-def _release(ledger: _Ledger, nbytes: int, _: object) -> None:
+def _work(box: list[Delta], kernel: Kernel[R], threads: int) -> R:
+    """One matrix on a CPU worker. The delta comes in a one-item list that is emptied here, so ΔW is freed when
+    this returns, before the future's done callbacks release its bytes to the reader."""
+    return kernel.compute([box.pop()], threads)[0]
+
+
+def _release(ledger: Ledger, nbytes: int, reader: ReadAhead[Item], _: object) -> None:
     ledger.release(nbytes)
+    reader.wake()
 
 
-def _cpu_spectrum(box: list[Delta], precision: str, threads: int) -> Spectrum:
-    """One matrix on a CPU worker: energy and matrix products on `threads` threads, eigensolver on one.
-
-    The delta comes in a one-item list that is emptied here, so ΔW is freed when this returns, before the
-    future's done callbacks release its bytes to the reader.
-    """
-    delta = box.pop()
-    if delta.values is None:
-        return _factored_spectrum(delta, CPU)
-    x = delta.values.unsqueeze(0)
-    with cpu_threads(threads):
-        energy = float(frobenius_energy(x)[0])
-        if precision == "exact":
-            s, method = exact_values(x).numpy()[0], "svd-f64"
-    if precision != "exact":
-        values, methods = fast_values(x, gemm_threads=threads)
-        s, method = values[0], methods[0]
-    d = delta
-    return Spectrum(d.name, d.shape, s, energy, d.base_norm, d.dtype, d.noise_energy, method)
-
-
-def _compute_batch(batch: list[Delta], precision: str, device: torch.device) -> list[Spectrum]:
-    """A stack of same-shape matrices in one call on `device` (the CUDA path)."""
-    if batch[0].values is None:
-        return [_factored_spectrum(d, device) for d in batch]
-    values = [d.values for d in batch if d.values is not None]
-    x = (values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)).to(device)
-    del values
-    energy = frobenius_energy(x).cpu().numpy()
-    if precision == "exact":
-        s, methods = exact_values(x).cpu().numpy(), ["svd-f64"] * len(batch)
-    else:
-        s, methods = fast_values(x)
-    return [
-        Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i])
-        for i, d in enumerate(batch)
-    ]
-
-
-def _factored_spectrum(delta: Delta, device: torch.device) -> Spectrum:
-    assert delta.factors is not None
-    b, a = (f.to(device) for f in delta.factors)
-    s, energy = factored_values(b, a)
-    d = delta
-    return Spectrum(d.name, d.shape, s, energy, d.base_norm, d.dtype, d.noise_energy, "factored-f64")
+def _ready(value: Skipped) -> Future[R | Skipped]:
+    future: Future[R | Skipped] = Future()
+    future.set_result(value)
+    return future
 
 
 def _load_trim() -> Callable[[], object]:

@@ -1,6 +1,6 @@
 """The linear algebra of singular values, and nothing else: σ of dense stacks and of factored deltas.
 
-Methods (spectrum.py picks one per `Options.precision`):
+Methods (kernels.Values picks one per its `precision`):
 - exact: float64 values-only SVD (LAPACK gesdd on the CPU, cuSOLVER gesvd on CUDA), wide matrices transposed.
 - fast: eigenvalues of the Gram matrix on the smaller side (ΔWΔWᵀ or ΔWᵀΔW) in float32, negative eigenvalues
   clamped, σ = √λ. Energies (ranks, captured energy, stable rank) match exact. Squaring costs the small σ: an

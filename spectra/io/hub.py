@@ -7,7 +7,6 @@ only JSON files and the safetensors weights the checkpoint needs are fetched, ne
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -16,7 +15,8 @@ from types import ModuleType
 from typing import Any
 
 from spectra.errors import CheckpointError
-from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, MODEL_CONFIG
+from spectra.io.header import read_weight_map, stat_path
+from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, MODEL_CONFIG, printable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def resolve_hub_id(text: str, *, download: bool = False) -> Path:
             False); the download failed (unknown repo or revision, no network, HF_HUB_OFFLINE set).
     """
     parsed = parse_hub_id(text)
-    assert parsed is not None, "callers check parse_hub_id first"
+    if parsed is None:
+        raise CheckpointError(f"{printable(text)}: not a hub id (org/name or org/name@revision)")
     repo, revision = parsed
     hub = _import_hub(text)
     cache = hub_cache_dir()
@@ -72,9 +73,13 @@ def resolve_hub_id(text: str, *, download: bool = False) -> Path:
     except errors.LocalEntryNotFoundError as exc:
         raise CheckpointError(_not_cached(text, repo, revision, cache, exc if download else None)) from None
     except (errors.HFValidationError, ValueError) as exc:  # a malformed id or revision
-        raise CheckpointError(f"{text}: no such file or folder, and not a valid hub id ({exc})") from None
+        raise CheckpointError(
+            f"{printable(text)}: no such file or folder, and not a valid hub id ({_first_line(exc)})"
+        ) from None
     except (errors.HfHubHTTPError, OSError) as exc:  # unknown repo or revision, gated, network
-        raise CheckpointError(f"{text}: could not download from the Hugging Face hub: {_first_line(exc)}") from None
+        raise CheckpointError(
+            f"{printable(text)}: could not download from the Hugging Face hub: {_first_line(exc)}"
+        ) from None
     log.info("hub id %s -> %s", text, folder)
     return folder
 
@@ -85,7 +90,7 @@ def _import_hub(text: str) -> ModuleType:
         import huggingface_hub.errors
     except ImportError:
         raise CheckpointError(
-            f"{text}: no such file or folder; to read it as a Hugging Face hub id, install huggingface_hub: "
+            f"{printable(text)}: no such file or folder; to read it as a Hugging Face hub id, install huggingface_hub: "
             f"{INSTALL_HINT}"
         ) from None
     return huggingface_hub
@@ -102,21 +107,33 @@ def _snapshot(
 
 
 def _weights_needed(folder: Path) -> list[str]:
-    """The safetensors files a snapshot's layout files call for: an index's shards, an adapter, or any."""
-    if (folder / INDEX_NAME).is_file():
-        try:
-            shards = sorted({str(s) for s in json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            shards = []
-        return [INDEX_NAME, *shards] if shards else ["*.safetensors", "*.json"]
-    if (folder / ADAPTER_CONFIG).is_file():
+    """The download patterns for the safetensors files a snapshot's layout files call for: an index's shards (each
+    validated by `read_weight_map` and matched literally), an adapter, or any.
+
+    Raises:
+        CheckpointError: the snapshot's shard index is malformed, or names a pickle or a path outside the snapshot.
+    """
+    if _present(folder / INDEX_NAME):
+        shards = sorted(set(read_weight_map(folder / INDEX_NAME).values()))
+        return [INDEX_NAME, *(_literal(shard) for shard in shards)]
+    if _present(folder / ADAPTER_CONFIG):
         return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     return ["*.safetensors", "*.json"]
 
 
+def _present(path: Path) -> bool:
+    return stat_path(path) is not None
+
+
+def _literal(name: str) -> str:
+    """An fnmatch pattern matching exactly `name` (a shard named `*` must not fetch the whole repository)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
 def _not_cached(text: str, repo: str, revision: str | None, cache: str | None, exc: Exception | None) -> str:
-    where = cache or "the default cache (HF_HUB_CACHE and HF_HOME unset)"
-    rev = f" --revision {revision}" if revision else ""
+    where = printable(cache) if cache else "the default cache (HF_HUB_CACHE and HF_HOME unset)"
+    rev = f" --revision {printable(revision)}" if revision else ""
+    text = printable(text)
     fetch = f"`hf download {repo}{rev}` (older huggingface_hub: `huggingface-cli download {repo}{rev}`)"
     if exc is not None:  # a download was attempted
         return (
@@ -131,4 +148,4 @@ def _not_cached(text: str, repo: str, revision: str | None, cache: str | None, e
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return printable(text.splitlines()[0]) if text else type(exc).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Final
@@ -15,7 +16,7 @@ from typing import Final
 import torch
 
 from spectra.errors import CheckpointError
-from spectra.io.header import DTYPES, TensorEntry
+from spectra.io.header import DTYPES, TensorEntry, open_regular, quoted, shown
 
 MAX_OPEN: Final = 64  # open files kept per cache (a sharded 405B checkpoint has ~190 shards)
 
@@ -31,7 +32,8 @@ class Handles:
     def get(self, file: Path) -> io.BufferedReader:
         handle = self._open.get(file)
         if handle is None:
-            handle = open(file, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+            fd, _ = open_regular(file)  # never blocks: a FIFO swapped in since the header was read is refused
+            handle = os.fdopen(fd, "rb")
             self._open[file] = handle
             while len(self._open) > self.limit:
                 self._open.popitem(last=False)[1].close()
@@ -72,7 +74,7 @@ def read_tensor(
     else:
         assert out.dtype == dtype and out.is_contiguous() and out.numel() == math.prod(shape), "bad out buffer"
         out = out.view(shape)
-    buffer = out.view(torch.uint8).reshape(-1).numpy().data if nbytes else memoryview(b"")
+    buffer = out.reshape(-1).view(torch.uint8).numpy().data if nbytes else memoryview(b"")  # 0-d: reshape first
     own = handles is None
     cache = Handles(1) if own or handles is None else handles
     try:
@@ -80,10 +82,12 @@ def read_tensor(
         handle.seek(start)
         got = handle.readinto(buffer) if nbytes else 0
     except OSError as exc:
-        raise CheckpointError(f"{entry.file}: cannot read tensor {name!r}: {exc}") from None
+        raise CheckpointError(f"{shown(entry.file)}: cannot read tensor {quoted(name)}: {exc}") from None
     finally:
         if own:
             cache.close()
     if got != nbytes:
-        raise CheckpointError(f"{entry.file}: tensor {name!r} is cut short (truncated?); re-download or re-save it")
+        raise CheckpointError(
+            f"{shown(entry.file)}: tensor {quoted(name)} is cut short (truncated?); re-download or re-save it"
+        )
     return out

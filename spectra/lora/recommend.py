@@ -132,8 +132,9 @@ def _peft_config(
     layers: Sequence[LayerMetrics], allocation: Mapping[str, int], settings: RecommendSettings
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The PEFT config realising `allocation` over every analysed matrix, and its compatibility notes."""
+    kinds = {lm.name: lm.kind for lm in layers}
     return build_adapter_config(
-        layers, allocation, rslora=settings.rslora, task_type=settings.task_type, base_model=settings.base_model
+        kinds, allocation, rslora=settings.rslora, task_type=settings.task_type, base_model=settings.base_model
     )
 
 

@@ -1,25 +1,41 @@
-"""Read a PEFT LoRA adapter's adapter_config.json into LoraSettings (the fields PEFT uses to build ΔW)."""
+"""Read a PEFT LoRA adapter: adapter_config.json into LoraSettings (validated; no `assert`, so `python -O` keeps
+every check), and the adapter's tensors grouped per module into LoraModule."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spectra.errors import CheckpointError
 from spectra.io.header import TensorEntry
-from spectra.names import ADAPTER_CONFIG
-from spectra.peft.layout import LORA_KEY, PREFIX, VARIANTS, names, pattern_key, targets_parameter
+from spectra.names import ADAPTER_CONFIG, printable
+from spectra.peft.layout import (
+    LORA_KEY,
+    PREFIX,
+    VARIANTS,
+    Patterns,
+    delta_shape,
+    names,
+    pattern_regex,
+    pattern_value,
+    targets_parameter,
+)
 from spectra.records import Skipped
+
+MAX_CONFIG_BYTES = 16 * 2**20  # adapter configs are a few kB; refuse anything absurd before reading it
+MAX_REGEX_CHARS = 10_000  # a pattern key or target_modules expression; module names are a few hundred characters
 
 
 @dataclass(frozen=True, slots=True)
 class LoraSettings:
-    """What spectra needs from adapter_config.json (the fields PEFT's LoraConfig uses to build ΔW)."""
+    """What spectra needs from adapter_config.json (the fields PEFT's LoraConfig uses to build ΔW), and the raw
+    config itself (resizing keeps the user's other fields)."""
 
     r: int
     lora_alpha: float
@@ -30,11 +46,18 @@ class LoraSettings:
     variant: str | None  # an unsupported LoRA variant switched on for every module, e.g. "DoRA"
     modules_to_save: tuple[str, ...]
     target_parameters: tuple[str, ...]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # adapter_config.json as read
+    _rank_keys: Patterns = field(init=False, repr=False, compare=False)
+    _alpha_keys: Patterns = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rank_keys", Patterns(self.rank_pattern))
+        object.__setattr__(self, "_alpha_keys", Patterns(self.alpha_pattern))
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """(r, lora_alpha) of `module` ("model.layers.0.self_attn.q_proj"), patterns applied as peft does."""
-        r = self.rank_pattern.get(pattern_key(self.rank_pattern, module), self.r)
-        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module), self.lora_alpha)
+        r = pattern_value(self.rank_pattern, self._rank_keys, module, self.r)
+        alpha = pattern_value(self.alpha_pattern, self._alpha_keys, module, self.lora_alpha)
         return int(r), float(alpha)
 
     def scale(self, module: str) -> float:
@@ -44,50 +67,100 @@ class LoraSettings:
 
 
 def read_lora_settings(folder: Path, label: str | None = None) -> LoraSettings:
-    """Parse the adapter's adapter_config.json.
+    """Parse and validate the adapter's adapter_config.json.
 
     Raises:
-        CheckpointError: the config is missing or malformed, or the adapter is not a LoRA (IA3, LoKr, ...).
+        CheckpointError: the config is missing, not a regular file, not a JSON object, malformed (r, lora_alpha,
+            rank_pattern, alpha_pattern, pattern keys PEFT could not compile), or the adapter is not a LoRA.
     """
     file = folder / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text())
-        assert isinstance(config, dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
-        raise CheckpointError(f"{file}: not a readable PEFT adapter config (a JSON object)") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        kind = peft_type or "unknown (no peft_type)"
+    config = _load(file)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        kind = printable(str(peft_type).upper()) if peft_type else "unknown (no peft_type)"
         raise CheckpointError(
             f"{label or folder}: PEFT adapter type {kind} is not supported; spectra reads LoRA adapters"
         )
+    return _settings(config, file)
+
+
+def _load(file: Path) -> dict[str, Any]:
+    """The config file's JSON object; refuses FIFOs and devices (never opened), huge files and deep nesting."""
+    unreadable = f"{file}: not a readable PEFT adapter config (a JSON object)"
     try:
-        settings = _settings(config)
-    except (AttributeError, TypeError, ValueError, re.error) as exc:
-        raise CheckpointError(f"{file}: malformed LoRA config ({exc})") from None
-    return settings
+        if not file.is_file():
+            raise CheckpointError(f"{unreadable}: missing, or not a regular file")
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{unreadable}: larger than {MAX_CONFIG_BYTES // 2**20} MiB")
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{unreadable}: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{unreadable}: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+        raise CheckpointError(f"{unreadable}: {printable(str(exc))}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{unreadable}: the JSON is a {type(config).__name__}, not an object")
+    return config
 
 
-def _settings(config: dict[str, Any]) -> LoraSettings:
-    rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
-    alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
-    for key in (*rank_pattern, *alpha_pattern):
-        re.compile(key)  # peft uses pattern keys as regular expressions
-    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    if r < 1 or any(v < 1 for v in rank_pattern.values()):
-        raise ValueError(f"ranks must be positive, got r={r}, rank_pattern={rank_pattern}")
-    variants = [name for field, name in VARIANTS.items() if config.get(field)]  # init_lora_weights: init only
+def _number(value: Any, integer: bool) -> bool:
+    """True for a finite, positive JSON number (an int, not a bool, when `integer`)."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return value > 0 and (integer or math.isfinite(value))
+
+
+def _settings(config: dict[str, Any], file: Path) -> LoraSettings:
+    """LoraSettings from a parsed config, every field PEFT reads for ΔW checked; one CheckpointError otherwise."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{file}: malformed LoRA config: {printable(what)}")
+
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not _number(r, integer=True):
+        raise bad(f"r must be a positive integer, got {r!r:.60}")
+    if not _number(alpha, integer=False):
+        raise bad(f"lora_alpha must be a positive finite number, got {alpha!r:.60}")
+    patterns: dict[str, dict[str, Any]] = {}
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            raise bad(f"{name} must be an object (pattern -> value), got a {type(pattern).__name__}")
+        for key, value in pattern.items():
+            if not _number(value, integer):
+                raise bad(f"{name}[{key!r:.60}] must be a positive {'integer' if integer else 'finite number'}")
+            _compile(f"{name} key {key!r:.60}", pattern_regex(key), bad)
+        patterns[name] = pattern
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(name), str) and config[name] != "all-linear":
+            _compile(f"{name} {config[name]!r:.60}", config[name], bad)
+    variants = [name for key, name in VARIANTS.items() if config.get(key)]  # init_lora_weights: init only
     return LoraSettings(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=float(alpha),
         use_rslora=bool(config.get("use_rslora")),
         fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
+        rank_pattern=dict(patterns["rank_pattern"]),
+        alpha_pattern={k: float(v) for k, v in patterns["alpha_pattern"].items()},
         variant=" + ".join(variants) or None,
         modules_to_save=names(config.get("modules_to_save")),
         target_parameters=names(config.get("target_parameters")),
+        raw=config,
     )
+
+
+def _compile(what: str, regex: str, bad: Callable[[str], CheckpointError]) -> None:
+    """Compile an expression as PEFT will; a global inline flag mid-expression fails on every Python version."""
+    if len(regex) > MAX_REGEX_CHARS:
+        raise bad(f"{what} is longer than {MAX_REGEX_CHARS} characters")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # Python 3.10 warns where 3.11 raises
+            warnings.simplefilter("ignore", FutureWarning)  # "possible nested set": PEFT compiles it alike
+            re.compile(regex)
+    except (re.error, DeprecationWarning, RecursionError, OverflowError) as exc:
+        raise bad(f"{what} is not a valid regular expression for PEFT ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,5 +263,5 @@ def _factors(
     if not a.shape[0] == b.shape[1] == r:
         return Skipped(name, "shape-mismatch", f"A {a.shape}, B {b.shape}, adapter_config r={r} for this module")
     transpose = embedding or settings.fan_in_fan_out
-    shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+    shape = delta_shape(a.shape, b.shape, transpose)
     return LoraModule(module, a, b, r, settings.scale(module), shape, transpose)

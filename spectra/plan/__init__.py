@@ -1,1 +1,20 @@
-"""plan"""
+"""plan: planners turn inputs into frozen, picklable jobs (plus what was skipped and why); delta.py materialises
+a job where it runs."""
+
+from spectra.plan.adapter import plan_adapter
+from spectra.plan.delta import make_delta
+from spectra.plan.dense import plan_many, plan_pair, plan_weights
+from spectra.plan.jobs import Dense, Factored, Job, Operand, Plan
+
+__all__ = [
+    "Dense",
+    "Factored",
+    "Job",
+    "Operand",
+    "Plan",
+    "make_delta",
+    "plan_adapter",
+    "plan_many",
+    "plan_pair",
+    "plan_weights",
+]

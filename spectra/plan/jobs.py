@@ -1,0 +1,60 @@
+"""Jobs and plans: what to compute, as frozen, picklable descriptors that name tensors by file and byte range.
+
+A job never holds an open file or a tensor: it can be sorted, batched, pickled to another process (a Ray actor)
+and materialised there (spectra.plan.delta.make_delta, with that process's own handle cache). Planners
+(plan/dense.py, plan/adapter.py) build a `Plan` per tuned input: its jobs, everything skipped and why, and notes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spectra.io.header import TensorEntry
+from spectra.records import Skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Dense:
+    """ΔW = W_tuned − W_base over the first `rows` rows of both, or the weight W_tuned itself when `base` is None."""
+
+    tuned: TensorEntry
+    base: TensorEntry | None
+    rows: int  # rows of ΔW: all of them, or those both sides share (a resized vocabulary)
+
+
+@dataclass(frozen=True, slots=True)
+class Factored:
+    """ΔW = scale·B@A (transposed when `transpose`) from an adapter's factors; B@A is never formed.
+
+    `a` is (r, in) and `b` is (out, r) as PEFT stores them; `base` is the weight they update (for ‖W_base‖_F), or
+    None when the adapter is analysed alone.
+    """
+
+    a: TensorEntry
+    b: TensorEntry
+    scale: float
+    transpose: bool  # ΔW = (scale·B@A)ᵀ: embeddings, fan_in_fan_out (GPT-2 Conv1D)
+    base: TensorEntry | None
+
+
+Operand = Dense | Factored
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One matrix to compute: its name, the shape of the matrix, how to form it, and which tuned input it is from."""
+
+    name: str  # the reported key, verbatim (the tuned key; the base model's key for adapters)
+    shape: tuple[int, int]  # (out_features, in_features) of the matrix the kernel sees
+    operand: Operand
+    note: str | None = None  # what the analysis of this matrix leaves out, for Analysis.notes
+    source: int = 0  # index of the tuned input in a multi-input plan (plan_many); 0 for a single pair
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The jobs of one tuned input, the tensors not analysed (with reasons), and notes for the analysis."""
+
+    jobs: tuple[Job, ...]
+    skipped: tuple[Skipped, ...] = ()
+    notes: tuple[str, ...] = ()
