@@ -147,6 +147,12 @@ def report(
         write_html(load_analysis(analysis_json), output)
 
 
+TASK_TYPE_HELP = (
+    "PEFT task_type in the config: auto (from the base's config.json, none when it says nothing), none (a bare "
+    "model, any architecture) or CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION"
+)
+
+
 @app.command()
 def recommend(
     analysis_json: AnalysisJson,
@@ -157,23 +163,31 @@ def recommend(
     rslora: Annotated[bool, typer.Option(help="use rsLoRA scaling (α/√r) with α matched to the same scale")] = False,
     include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
-    task_type: Annotated[str, typer.Option(help="PEFT task_type in the config ('none': a bare model)")] = "CAUSAL_LM",
+    task_type: Annotated[str, typer.Option(help=TASK_TYPE_HELP)] = "auto",
+    variant: Annotated[
+        str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
+    ] = "per-module",
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
+        analysis = load_analysis(analysis_json)
+        task = {"auto": analysis.task_type, "none": None}.get(task_type.lower(), task_type)
         settings = RecommendSettings(
             target=target,
             max_rank=max_rank,
             budget=budget,
             rslora=rslora,
             include_embeddings=include_embeddings,
-            base_model=base_model,
-            task_type=None if task_type.lower() == "none" else task_type,
+            base_model=base_model or analysis.base_model_name,
+            task_type=task,
+            variant=variant,
         )
-        rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
+        rec = spectra.recommend(analysis.layers, settings)
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
         written_to = None if output is None else write_adapter_config(rec, output)
+        if written_to is not None:
+            wrote(f"{written_to} ({display.written_variant(rec)})")
     out = stdout()
     out.print(display.recommendation_view(rec, out.width, written=None if written_to is None else str(written_to)))
 

@@ -300,7 +300,7 @@ def _ranks(k: KindUse) -> str:
 def written_variant(rec: Recommendation) -> str:
     """Which config `rec` holds (what `spectra recommend -o` writes), in one phrase read from the config itself."""
     config = rec.config
-    variant = getattr(rec, "variant", "per-module")
+    variant = rec.variant
     pattern = len(config.get("rank_pattern") or {})
     rslora = ", use_rslora" if config.get("use_rslora") else ""
     keys = f", {pattern} rank_pattern keys" if pattern else ""
@@ -311,7 +311,7 @@ def written_variant(rec: Recommendation) -> str:
 
 
 def _other_variant(rec: Recommendation) -> str:
-    if getattr(rec, "variant", "per-module") == "uniform":
+    if rec.variant == "uniform":
         return f"--variant per-module: per-module ranks capturing {_pct(rec.allocation_captured)}"
     return f"--variant uniform: r = {rec.uniform_rank} on every target module, capturing {_pct(rec.uniform_captured)}"
 

@@ -6,7 +6,8 @@ Records after the spectrum stage hold CPU float64 numpy only, so metrics, recomm
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from spectra.errors import OptionsError
 
 if TYPE_CHECKING:
+    import pandas as pd  # type: ignore[import-untyped, unused-ignore]
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -92,14 +94,28 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What a model says about itself beside its weights: config.json of a Hugging Face model (or the `config` of an
+    in-memory one), or adapter_config.json of a PEFT adapter (its base model and task). None where it says nothing.
+    """
+
+    name_or_path: str | None = None  # config.json "_name_or_path"; an adapter's "base_model_name_or_path"
+    model_type: str | None = None  # e.g. "llama", "bert", "t5"
+    architectures: tuple[str, ...] = ()  # e.g. ("LlamaForCausalLM",)
+    is_encoder_decoder: bool | None = None
+    task_type: str | None = None  # PEFT task type: an adapter's own, or inferred from `architectures`
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """What an input checkpoint is, without its tensors."""
 
-    path: str  # as the user gave it
-    format: str  # "safetensors", "folder", "sharded", "peft-adapter"
+    path: str  # as the user gave it ("<in-memory ...>" for a module or state dict)
+    format: str  # "safetensors", "folder", "sharded", "peft-adapter", "module", "state-dict", "peft-model"
     n_tensors: int
-    n_bytes: int  # bytes of tensor data on disk
+    n_bytes: int  # bytes of tensor data on disk (in memory for in-memory inputs)
     dtypes: tuple[str, ...]  # storage dtypes seen, e.g. ("bf16",)
+    model: ModelConfig | None = None  # the config beside the weights, when there is one
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +150,7 @@ class Spectrum:
 
     name: str
     shape: tuple[int, int]
-    s: np.ndarray = field(compare=False)  # float64, descending
+    s: np.ndarray = field(compare=False, repr=False)  # float64, descending
     energy: float  # ‖ΔW‖_F², computed directly from ΔW, not from s
     base_norm: float | None
     dtype: str
@@ -152,9 +168,9 @@ class Factors:
 
     name: str
     shape: tuple[int, int]  # (m, n)
-    u: np.ndarray = field(compare=False)  # (m, r) orthonormal columns: left singular vectors
-    s: np.ndarray = field(compare=False)  # (r,) descending, > 0
-    vt: np.ndarray = field(compare=False)  # (r, n) orthonormal rows: right singular vectors
+    u: np.ndarray = field(compare=False, repr=False)  # (m, r) orthonormal columns: left singular vectors
+    s: np.ndarray = field(compare=False, repr=False)  # (r,) descending, > 0
+    vt: np.ndarray = field(compare=False, repr=False)  # (r, n) orthonormal rows: right singular vectors
     energy: float  # ‖ΔW‖_F², computed directly from ΔW (or the factors' core), not from s
     base_norm: float | None
     dtype: str
@@ -184,7 +200,11 @@ class LayerMetrics:
     gd_rank: int  # Gavish–Donoho count of σ above the noise level
     dtype: str  # storage dtype of the tuned tensor
     method: str  # spectrum method, see Spectrum.method
-    s: np.ndarray = field(compare=False, metadata={"json": "singular_values"})
+    s: np.ndarray = field(compare=False, repr=False, metadata={"json": "singular_values"})
+
+    def row(self) -> dict[str, Any]:
+        """The JSON's scalar fields, flat: shape as rows/cols, E(r) as captured_<r>, LoRA sizes as lora_params_<r>."""
+        return _flat(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +219,10 @@ class GroupSummary:
     captured: dict[int, float]  # energy-weighted: Σ_m Σ_{i≤r} σ² / Σ_m ‖ΔW_m‖_F²
     energy: float  # Σ_m ‖ΔW_m‖_F²
     n_noisy: int
+
+    def row(self) -> dict[str, Any]:
+        """The scalar fields, flat (E(r) as captured_<r>)."""
+        return _flat(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +261,7 @@ class Recommendation:
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
     caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
+    variant: str = "per-module"  # which LoRA `config` holds: "per-module" (rank_pattern) or "uniform" (one r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,3 +282,98 @@ class Analysis:
     version: str
     created: str  # ISO 8601, UTC
     notes: tuple[str, ...] = ()  # what this analysis could not report, e.g. relative change without a base
+
+    @property
+    def task_type(self) -> str | None:
+        """The PEFT task type the inputs' configs give (the base's first; an adapter's own), None if neither says."""
+        return config_task_type(self.base_info, self.tuned_info)
+
+    @property
+    def base_model_name(self) -> str | None:
+        """The base model's name from its config.json (an adapter's base_model_name_or_path), None if unknown."""
+        for info in (self.base_info, self.tuned_info if self.base_info is None else None):
+            if info is not None and info.model is not None and info.model.name_or_path:
+                return info.model.name_or_path
+        return None
+
+    def __repr__(self) -> str:
+        """One line: what was compared, counts, median ranks and the recommendation (the full record is the JSON)."""
+        o, tau = self.summary.overall, f"{self.options.threshold:g}"
+        what = f"{self.tuned} − {self.base}" if self.base is not None else f"{self.tuned} (adapter)"
+        rec = self.recommendation
+        lora = f"LoRA r={rec.uniform_rank} ({rec.uniform_captured:.1%})" if rec else "no LoRA recommendation"
+        ref = 16 if 16 in o.captured else next(iter(o.captured), None)
+        e = f"E({ref}) {o.captured[ref]:.1%}; " if ref is not None else ""
+        return (
+            f"<Analysis {what}: {o.n} matrices, median rank@{tau} {o.median_rank:g} (max {o.max_rank}, "
+            f"{o.median_rank_ratio:.2f}× random); {e}{lora}; {len(self.skipped)} skipped>"
+        )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the headline numbers and the per-kind table."""
+        o, tau = self.summary.overall, f"{self.options.threshold * 100:g}%"
+        rec = self.recommendation
+        ranks = self.options.lora_ranks
+        cells = "".join(f"<th>E({r})</th>" for r in ranks)
+        rows = "".join(
+            f"<tr><td style='text-align:left'><code>{escape(g.key)}</code></td><td>{g.n}</td>"
+            f"<td>{g.median_rank:g}</td><td>{g.max_rank}</td><td>{g.median_rank_ratio:.2f}</td>"
+            + "".join(f"<td>{g.captured.get(r, float('nan')):.1%}</td>" for r in ranks)
+            + "</tr>"
+            for g in (*self.summary.kinds, o)
+        )
+        lora = f"LoRA r = {rec.uniform_rank} captures {rec.uniform_captured:.1%}" if rec else "no LoRA recommendation"
+        what = escape(f"{self.tuned} − {self.base}" if self.base is not None else f"{self.tuned} (adapter)")
+        return (
+            f"<div class='spectra-analysis'><p><strong>spectra</strong> {what}: <strong>{o.n}</strong> matrices, "
+            f"median rank@{tau} <strong>{o.median_rank:g}</strong> (max {o.max_rank}), "
+            f"<strong>{o.median_rank_ratio:.2f}</strong>× a random matrix; {escape(lora)}.</p>"
+            f"<table><thead><tr><th>module kind</th><th>matrices</th><th>median rank@{tau}</th><th>max</th>"
+            f"<th>rank / random</th>{cells}</tr></thead><tbody>{rows}</tbody></table></div>"
+        )
+
+    def to_pandas(self, by: str = "matrix") -> pd.DataFrame:
+        """The analysis as a pandas DataFrame (needs pandas: `pip install 'spectra-lm[pandas]'`).
+
+        Args:
+            by: "matrix": one row per analysed matrix, the JSON's scalar fields as columns (`LayerMetrics.row`);
+                "kind" or "layer": one row per module kind or block index (`GroupSummary.row`), "kind" ending in
+                the "all" row.
+
+        Raises:
+            ModuleNotFoundError: pandas is not installed.
+            ValueError: `by` is not "matrix", "kind" or "layer".
+        """
+        try:
+            import pandas
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                "Analysis.to_pandas needs pandas: pip install 'spectra-lm[pandas]' (or pip install pandas)"
+            ) from None
+        if by == "matrix":
+            return pandas.DataFrame([lm.row() for lm in self.layers])
+        if by in ("kind", "layer"):
+            groups = (*self.summary.kinds, self.summary.overall) if by == "kind" else self.summary.layers
+            return pandas.DataFrame([g.row() for g in groups])
+        raise ValueError(f"by must be 'matrix', 'kind' or 'layer', got {by!r}")
+
+
+def config_task_type(*infos: CheckpointInfo | None) -> str | None:
+    """The first PEFT task type among the inputs' configs, or None."""
+    return next((i.model.task_type for i in infos if i is not None and i.model is not None and i.model.task_type), None)
+
+
+def _flat(record: Any) -> dict[str, Any]:
+    """A record's fields as flat scalars: arrays left out, (m, n) shapes as rows/cols, dicts as <field>_<key>."""
+    row: dict[str, Any] = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, np.ndarray):
+            continue
+        if f.name == "shape":
+            row["rows"], row["cols"] = value
+        elif isinstance(value, dict):
+            row.update({f"{f.name}_{key}": v for key, v in value.items()})
+        else:
+            row[f.name] = value
+    return row

@@ -45,7 +45,7 @@ class KindUse:
 
 def is_adapter(analysis: Analysis) -> bool:
     """True when the tuned input is a PEFT adapter (its ΔW were computed from the factors)."""
-    return analysis.tuned_info.format == "peft-adapter"
+    return analysis.tuned_info.format in ("peft-adapter", "peft-model")
 
 
 def _verdict(share: float) -> str:

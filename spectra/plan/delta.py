@@ -15,7 +15,8 @@ import torch
 from spectra.errors import CheckpointError
 from spectra.io.header import TensorEntry
 from spectra.io.tensors import Handles, read_tensor
-from spectra.plan.jobs import Dense, Factored, Job
+from spectra.plan.jobs import Dense, Factored, Job, TensorFactors, Tensors
+from spectra.plan.memory import memory_delta
 from spectra.plan.noise import rounding_noise_energy
 from spectra.records import Delta, Skipped
 
@@ -37,6 +38,8 @@ def make_delta(job: Job, handles: Handles, *, wide: bool = False) -> Delta | Ski
     Raises:
         CheckpointError: a tensor cannot be read, or holds NaN/Inf.
     """
+    if isinstance(job.operand, Tensors | TensorFactors):  # in-memory inputs: nothing to read
+        return memory_delta(job, job.operand, wide=wide)
     if isinstance(job.operand, Factored):
         return _factored_delta(job, job.operand, handles)
     return _dense_delta(job, job.operand, handles, wide)

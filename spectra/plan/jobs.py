@@ -8,9 +8,13 @@ and materialised there (spectra.plan.delta.make_delta, with that process's own h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spectra.io.header import TensorEntry
 from spectra.records import Skipped
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +41,28 @@ class Factored:
     base: TensorEntry | None
 
 
-Operand = Dense | Factored
+@dataclass(frozen=True, slots=True, eq=False)
+class Tensors:
+    """Dense's in-memory counterpart: ΔW = W_tuned − W_base over the first `rows` rows of tensors held in memory (an
+    nn.Module or a state dict, spectra.plan.memory). Not picklable to other processes: such jobs run locally."""
+
+    tuned: torch.Tensor
+    base: torch.Tensor | None
+    rows: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class TensorFactors:
+    """Factored's in-memory counterpart: ΔW = scale·B@A (transposed when `transpose`) from a PeftModel's LoRA layer."""
+
+    a: torch.Tensor  # (r, in), as PEFT holds it
+    b: torch.Tensor  # (out, r)
+    scale: float
+    transpose: bool
+    base: torch.Tensor | None
+
+
+Operand = Dense | Factored | Tensors | TensorFactors
 
 
 @dataclass(frozen=True, slots=True)
