@@ -290,7 +290,7 @@ def adapter_view(analysis: Analysis, width: int) -> list[RenderableType]:
         title="adapter: configured rank r against the rank its updates use",
         caption="saturated: rank@τ ≥ 80% of r; ≤ half: rank@τ ≤ 50% of r (modules per kind)",
     )
-    return [table, Text("\n".join(adapter_sentences(analysis)))]
+    return [table, Text("\n".join(map(printable, adapter_sentences(analysis))))]
 
 
 def _ranks(k: KindUse) -> str:
@@ -327,7 +327,7 @@ def recommendation_view(
     """
     where = f"wrote {printable(written)}:" if written else "`spectra recommend ANALYSIS -o DIR` writes"
     lines = [
-        Text.assemble(("Recommended LoRA (derived from the spectra): ", "bold"), rec.reason),
+        Text.assemble(("Recommended LoRA (derived from the spectra): ", "bold"), printable(rec.reason)),
         Text(f"target_modules: {', '.join(map(printable, rec.target_modules))}"),
         Text(f"{where} {written_variant(rec)}; {_other_variant(rec)}."),
     ]
@@ -339,7 +339,7 @@ def recommendation_view(
                 style="yellow",
             )
         )
-    lines.append(Text(rec.caveat, style="italic"))
+    lines.append(Text(printable(rec.caveat), style="italic"))
     if compact:
         return Group(*lines)
 
@@ -360,7 +360,7 @@ def recommendation_view(
     advice: list[Text] = []
     if rec.advice:
         advice.append(Text("\nAdvice not derived from the spectrum (common practice):", style="bold"))
-        advice.extend(Text(f"  - {line}") for line in rec.advice)
+        advice.extend(Text(f"  - {printable(line)}") for line in rec.advice)
     return Group(table, Text(""), *lines, *advice)
 
 
@@ -440,7 +440,8 @@ def layer_tsv(layers: Sequence[LayerMetrics], lora_ranks: Sequence[int]) -> str:
 
 
 def _md_cell(text: str) -> str:
-    return printable(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
+    """Text for a markdown table cell or paragraph: control characters escaped, pipes escaped, no backticks."""
+    return printable(text).replace("|", "\\|").replace("`", "'")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -492,7 +493,7 @@ def markdown_report(analysis: Analysis, *, per_matrix: bool | None = None, summa
         )
     rec = analysis.recommendation
     if not summary_only:
-        parts.append(_md_cell(headline(analysis).plain).replace("\n", "  \n"))
+        parts.append("  \n".join(_md_cell(line) for line in headline(analysis).plain.split("\n")))
         parts.extend(_md_cell(line) for line in adapter_sentences(analysis))
     if rec is not None:
         parts.append(f"**Recommended LoRA:** {_md_cell(rec.reason)}")
