@@ -91,7 +91,7 @@ def test_fit_table_drops_columns_and_never_cuts_a_number(width: int) -> None:
 
 
 def test_fit_table_prefers_an_earlier_variant() -> None:
-    short = [Col("name", ["q"], left=True, name=True), *columns()[1:]]
+    short = [Col("name", ["q", "b"], left=True, name=True), *columns()[1:]]
     wide = render(fit_table([(columns(), 4), (short, 1)], 200), 200)
     assert "a.long.module.name" in wide and "effective" in wide
     narrow = render(fit_table([(columns(), 4), (short, 1)], 28), 28)
