@@ -18,7 +18,7 @@ import pytest
 from builders import KINDS, adapter_analysis, empty_analysis, make_analysis
 from spectra.errors import SpectraError
 from spectra.names import CAVEAT
-from spectra.records import Analysis, RankOption, Recommendation, Skipped
+from spectra.records import Analysis, ModelConfig, RankOption, Recommendation, Skipped
 from spectra.report.html import (
     model_name,
     render_comparison_html,
@@ -204,9 +204,20 @@ def test_recommendation_and_caveat_appear_once(analysis: Analysis) -> None:
 
 
 def test_title_is_the_model_name() -> None:
-    page = Page(render_html(replace(make_analysis(), tuned="runs/llama-ft/model.safetensors")))
-    assert page.find("h1") and "llama-ft" in "".join(page.text).split("\n")[0] + "".join(page.text)
-    assert re.search(r"<title>llama-ft · spectra</title>", render_html(replace(make_analysis(), tuned="runs/llama-ft")))
+    a = make_analysis(n_layers=1, kinds=("q_proj",))
+
+    def title(analysis: Analysis) -> str:
+        found = re.search(r"<h1>(.*?)</h1>", render_html(analysis))
+        assert found is not None
+        return found.group(1)
+
+    assert title(replace(a, tuned="runs/llama-ft/model.safetensors")) == "llama-ft"
+    assert title(replace(a, tuned="runs/llama-ft")) == "llama-ft"
+    with_config = replace(a.base_info, model=ModelConfig(name_or_path="meta-llama/Llama-3.2-1B"))  # type: ignore[arg-type]
+    assert title(replace(a, base_info=with_config)) == "meta-llama/Llama-3.2-1B fine-tune"
+    tuned_config = replace(a.tuned_info, model=ModelConfig(name_or_path="/home/me/runs/llama-sft"))
+    assert title(replace(a, base_info=with_config, tuned_info=tuned_config)) == "llama-sft"
+    assert "fine-tune of meta-llama/Llama-3.2-1B" in render_html(replace(a, base_info=with_config))
     assert model_name("org/name@v1.0") == "name" and model_name("pair/tuned.safetensors") == "pair/tuned"
     assert model_name("out/model-00001-of-00002.safetensors") == "out" and model_name(None) == "—"
 

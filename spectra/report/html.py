@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from spectra.io.files import write_atomic
 from spectra.lora.usage import KindUse, is_adapter, kind_use, rank_use, use_sentences
 from spectra.names import CAVEAT, SKIP_REASONS
-from spectra.records import Analysis
+from spectra.records import Analysis, CheckpointInfo
 from spectra.report import plots
 from spectra.report.plots import Run
 from spectra.report.svg import figure_svg, natural_width, svg_style
@@ -78,6 +78,42 @@ def model_name(path: str | None) -> str:
             return p.parent.name or p.stem
         return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
     return p.name.split("@", 1)[0] or str(path)  # a hub id org/name@revision: name
+
+
+def _config_name(info: CheckpointInfo | None) -> str | None:
+    """The model name a config gives (config.json `_name_or_path`, an adapter's base model): a hub id as is, a local
+    path by its last part."""
+    name = info.model.name_or_path if info is not None and info.model is not None else None
+    if not name:
+        return None
+    return PurePath(name).name if name.startswith(("/", ".", "~")) or "\\" in name else name
+
+
+def report_title(analysis: Analysis) -> str:
+    """The page title: the fine-tune's own name (its config's, when it differs from the base's), else "<base> fine-tune"
+    from the base's config, else the tuned folder's name; an adapter's folder name."""
+    tuned, base = _config_name(analysis.tuned_info), _config_name(analysis.base_info)
+    if analysis.tuned_info.format in ("peft-adapter", "peft-model"):
+        return model_name(analysis.tuned)
+    if tuned and tuned != base:
+        return tuned
+    if base:
+        return f"{base} fine-tune"
+    return model_name(analysis.tuned)
+
+
+def base_name(analysis: Analysis) -> str | None:
+    """The base model's name for the subtitle: its config's, an adapter's base model, or the base path's; None for
+    an adapter alone whose config names no base."""
+    if analysis.base is None:
+        return _config_name(analysis.tuned_info)
+    return _config_name(analysis.base_info) or model_name(analysis.base)
+
+
+def code_spans(text: str) -> markupsafe.Markup:
+    """Plain text with `backticked` spans as <code>, everything escaped."""
+    parts = str(markupsafe.escape(text)).split("`")
+    return markupsafe.Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
 
 
 def _ref_rank(analysis: Analysis) -> int:
@@ -228,7 +264,7 @@ def _view(analysis: Analysis, label: str = "") -> _View:
     uses = rank_use(analysis)
     return _View(
         label=label,
-        name=model_name(analysis.tuned),
+        name=report_title(analysis),
         analysis=analysis,
         stats=headline(analysis),
         verdict=verdict(analysis),
@@ -279,12 +315,13 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(num=_num, pct=_pct, size=_size)
+    env.filters.update(num=_num, pct=_pct, size=_size, code=code_spans)
     env.globals.update(
         caveat=CAVEAT,
         skip_reasons=SKIP_REASONS,
         n_params=_n_params,
         model_name=model_name,
+        base_name=base_name,
         E2=markupsafe.Markup("‖ΔW‖<sub>F</sub><sup>2</sup>"),
     )
     return env
