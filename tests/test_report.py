@@ -23,6 +23,7 @@ from spectra.report.html import (
     model_name,
     render_comparison_html,
     render_html,
+    report_title,
     verdict,
     write_comparison_report,
     write_report,
@@ -93,6 +94,11 @@ def analysis() -> Analysis:
 @pytest.fixture(scope="module")
 def html(analysis: Analysis) -> str:
     return render_html(analysis)
+
+
+@pytest.fixture(scope="module")
+def html_with_rec(analysis: Analysis) -> str:
+    return render_html(replace(analysis, recommendation=recommendation()))
 
 
 def test_parses_with_one_row_per_matrix(analysis: Analysis, html: str) -> None:
@@ -177,9 +183,9 @@ def test_verdict_numbers_match_planted_ranks(analysis: Analysis) -> None:
     assert verdict(empty_analysis())[0].startswith("No matrix was analysed")
 
 
-def test_headline_numbers_come_first(analysis: Analysis) -> None:
+def test_headline_numbers_come_first(analysis: Analysis, html_with_rec: str) -> None:
     rec = recommendation()
-    page = Page(render_html(replace(analysis, recommendation=rec)))
+    page = Page(html_with_rec)
     text = " ".join(" ".join(page.text).split())
     o = analysis.summary.overall
     for expected in (
@@ -193,33 +199,34 @@ def test_headline_numbers_come_first(analysis: Analysis) -> None:
     assert text.index("recommended LoRA") < text.index(verdict(analysis)[0]) < text.index(rec.reason)
 
 
-def test_recommendation_and_caveat_appear_once(analysis: Analysis) -> None:
+def test_recommendation_and_caveat_appear_once(html: str, html_with_rec: str) -> None:
     rec = recommendation()
-    text = " ".join("".join(Page(render_html(replace(analysis, recommendation=rec))).text).split())
+    text = " ".join("".join(Page(html_with_rec).text).split())
     assert text.count(rec.reason) == 1 and text.count(rec.caveat) == 1
     assert text.count("Biderman") == 0  # the builder's caveat replaces the library's; no second copy
-    empty = " ".join("".join(Page(render_html(analysis)).text).split())
+    empty = " ".join("".join(Page(html).text).split())
     assert "no LoRA recommendation was made" in empty.replace("No LoRA", "no LoRA")
     assert empty.count(CAVEAT) == 1
 
 
-def test_title_is_the_model_name() -> None:
-    a = make_analysis(n_layers=1, kinds=("q_proj",))
-
-    def title(analysis: Analysis) -> str:
-        found = re.search(r"<h1>(.*?)</h1>", render_html(analysis))
-        assert found is not None
-        return found.group(1)
-
-    assert title(replace(a, tuned="runs/llama-ft/model.safetensors")) == "llama-ft"
-    assert title(replace(a, tuned="runs/llama-ft")) == "llama-ft"
+def test_title_is_the_model_name(analysis: Analysis) -> None:
+    a = analysis
+    assert report_title(replace(a, tuned="runs/llama-ft/model.safetensors")) == "llama-ft"
+    assert report_title(replace(a, tuned="runs/llama-ft")) == "llama-ft"
     with_config = replace(a.base_info, model=ModelConfig(name_or_path="meta-llama/Llama-3.2-1B"))  # type: ignore[arg-type]
-    assert title(replace(a, base_info=with_config)) == "meta-llama/Llama-3.2-1B fine-tune"
+    assert report_title(replace(a, base_info=with_config)) == "meta-llama/Llama-3.2-1B fine-tune"
     tuned_config = replace(a.tuned_info, model=ModelConfig(name_or_path="/home/me/runs/llama-sft"))
-    assert title(replace(a, base_info=with_config, tuned_info=tuned_config)) == "llama-sft"
-    assert "fine-tune of meta-llama/Llama-3.2-1B" in render_html(replace(a, base_info=with_config))
+    assert report_title(replace(a, base_info=with_config, tuned_info=tuned_config)) == "llama-sft"
+    assert report_title(adapter_analysis()) == "my-adapter"
     assert model_name("org/name@v1.0") == "name" and model_name("pair/tuned.safetensors") == "pair/tuned"
     assert model_name("out/model-00001-of-00002.safetensors") == "out" and model_name(None) == "—"
+    small = make_analysis(n_layers=1, kinds=("q_proj",))
+    page = render_html(replace(small, base_info=with_config, tuned="runs/llama-ft/model.safetensors"))
+    assert (
+        "<h1>meta-llama/Llama-3.2-1B fine-tune</h1>" in page
+        and "<title>meta-llama/Llama-3.2-1B fine-tune · spectra" in page
+    )
+    assert "fine-tune of meta-llama/Llama-3.2-1B" in page
 
 
 def test_adapter_report_shows_r_against_the_rank_used() -> None:
@@ -246,8 +253,8 @@ def test_layout_reflows_and_keeps_names_in_view(html: str) -> None:
         assert int(minimum) == round(0.85 * natural)
 
 
-def test_recommendation_slot(analysis: Analysis) -> None:
-    page = Page(render_html(replace(analysis, recommendation=recommendation())))
+def test_recommendation_slot(html_with_rec: str) -> None:
+    page = Page(html_with_rec)
     text = " ".join("".join(page.text).split())
     for expected in (
         "Uniform rank 16 reaches the target <everywhere>.",
@@ -312,11 +319,17 @@ def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, m
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
-def test_write_report_creates_missing_folders(analysis: Analysis, tmp_path: Path) -> None:
+def test_write_report_creates_missing_folders(
+    analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spectra.report.html.render_html", lambda a: html)
     assert write_report(analysis, tmp_path / "new" / "report.html").is_file()
 
 
-def test_write_report_unwritable_target(analysis: Analysis, tmp_path: Path) -> None:
+def test_write_report_unwritable_target(
+    analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spectra.report.html.render_html", lambda a: html)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpectraError, match="cannot write"):
         write_report(analysis, tmp_path / "file" / "report.html")
