@@ -450,6 +450,8 @@ def test_summary_prints_the_kinds_and_the_recommendation_only(tmp_path: Path) ->
     assert "ΔW per matrix" not in quiet.stdout and "per layer" not in quiet.stdout
     assert "trade-off" not in quiet.stdout and "Advice" not in quiet.stdout
     assert quiet.stdout.count("Caveat") == 1
+    reason = next(line for line in quiet.stdout.splitlines() if line.startswith("Recommended LoRA"))
+    assert len(reason) > 80 and reason.rstrip().endswith(")."), reason  # piped: one line, not hard-wrapped
     assert invoke("rank", base, tuned, "--summary", columns=80).stdout == quiet.stdout
 
 

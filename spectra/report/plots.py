@@ -200,7 +200,7 @@ def plot_kind_spectrum(runs: Runs, kind: str, colors: dict[str, str] | None = No
     groups = [(run, by_kind(run.analysis).get(kind, [])) for run in runs]
     if not any(group for _, group in groups):
         return _empty(fig, text(f"no {kind} matrices"))
-    ax = _axes(fig, left=0.72, bottom=0.5, top=0.3)
+    ax = _axes(fig, left=0.72, bottom=0.5, top=0.5 if len(runs) > 1 else 0.3)
     low, longest, titles = 1.0, 1, []
     for run, group in groups:
         if not group:
@@ -234,16 +234,20 @@ def plot_kind_spectrum(runs: Runs, kind: str, colors: dict[str, str] | None = No
             dot.set_zorder(4)
             tip(dot, _label(run, f"median {kind}: rank@{tau} = {median.rank}"))
         layer = "" if median.layer is None else f"layer {median.layer}, "
-        titles.append(_label(run, f"{layer}rank {median.rank}"))
+        titles.append(f"{run.label} {median.rank}" if len(runs) > 1 else f"{layer}rank {median.rank}")
     shape = median_matrix(next(group for _, group in groups if group)).shape
     mp = marchenko_pastur_profile(shape)
     idx = draw_indices(min(len(mp), longest))
     (line,) = ax.plot(idx + 1, mp[idx], "--", color="#333", lw=1.0, zorder=3)
     tip(line, f"Gaussian matrix {shape[0]}×{shape[1]} (Marchenko–Pastur)")
     ax.set_yscale("log")
-    ax.set_ylim(max(low * 0.5, LOG_FLOOR), 1.6)
+    ax.set_ylim(max(min(low * 0.5, 0.1), LOG_FLOOR), 1.6)  # at least a decade: labelled major ticks only
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlim(0, longest + 0.5 if longest < 20 else longest * 1.02)
-    ax.set_title(text(f"{kind}  ({'; '.join(titles)})"), fontsize=FONT, loc="left")
+    if len(runs) > 1:  # the median rank of each run on a line of its own: panel titles must fit ~40 characters
+        ax.set_title(text(f"{kind}\nmedian rank: {' · '.join(titles)}"), fontsize=FONT, loc="left")
+    else:
+        ax.set_title(text(f"{kind}  ({titles[0]})"), fontsize=FONT, loc="left")
     ax.set_xlabel("singular value index i" + (" (≤ adapter r)" if _is_factored(groups[0][1]) else ""), fontsize=FONT)
     ax.set_ylabel("σᵢ / σ₁ (log scale)", fontsize=FONT)
     _style(ax)
