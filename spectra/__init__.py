@@ -31,11 +31,25 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
+    from spectra.lora.extract import extract
+    from spectra.lora.resize import resize
+    from spectra.lora.rules import RankRule
+    from spectra.lora.split import ExtractResult, ModuleResult, extraction_json, save_extraction
     from spectra.report.html import write_comparison_report, write_report
 
 __version__ = version()
 
-_LAZY = {"write_report": "spectra.report.html", "write_comparison_report": "spectra.report.html"}
+_LAZY = {
+    "write_report": "spectra.report.html",
+    "write_comparison_report": "spectra.report.html",
+    "extract": "spectra.lora.extract",
+    "resize": "spectra.lora.resize",
+    "RankRule": "spectra.lora.rules",
+    "ExtractResult": "spectra.lora.split",
+    "ModuleResult": "spectra.lora.split",
+    "save_extraction": "spectra.lora.split",
+    "extraction_json": "spectra.lora.split",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,13 +65,16 @@ __all__ = [
     "Analysis",
     "CheckpointError",
     "CheckpointInfo",
+    "ExtractResult",
     "GroupSummary",
     "LayerMetrics",
     "MismatchError",
+    "ModuleResult",
     "Options",
     "OptionsError",
     "ProgressHook",
     "RankOption",
+    "RankRule",
     "RecommendSettings",
     "Recommendation",
     "Skipped",
@@ -67,9 +84,13 @@ __all__ = [
     "__version__",
     "analyze",
     "analyze_many",
+    "extract",
+    "extraction_json",
     "load_analysis",
     "recommend",
+    "resize",
     "save_analysis",
+    "save_extraction",
     "write_adapter_config",
     "write_comparison_report",
     "write_report",
