@@ -26,6 +26,8 @@ from spectra import (
 )
 
 from . import display
+from .commands.extract import extract as extract_command
+from .commands.resize import resize as resize_command
 from .console import err, out, progress, setup_logging, user_errors, wrote
 from .flags import Verbose, options_flags
 
@@ -134,6 +136,10 @@ def recommend(
         if output is not None:
             wrote(write_adapter_config(rec, output))
     out.print(display.recommendation_view(rec))
+
+
+app.command("extract")(extract_command)
+app.command("resize")(resize_command)
 
 
 class DemoApp(Protocol):
