@@ -175,6 +175,8 @@ def _plan(ck: Checkpoint, base: Checkpoint | None, settings: LoraSettings) -> tu
         raise CheckpointError(
             f"{ck.path}: cannot resize: {printable(first.name)}: {first.detail or first.reason}"
             + (f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else "")
+            + "; resize writes LoRA factors only (save the adapter without such tensors, e.g. "
+            "save_embedding_layers=False)"
         )
     if not plan.jobs:
         raise MismatchError(f"{ck.path}: no LoRA factors to resize")
