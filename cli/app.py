@@ -26,6 +26,8 @@ from spectra import (
 )
 
 from . import display
+from .commands.extract import extract as extract_command
+from .commands.resize import resize as resize_command
 from .console import progress, say, setup_logging, stdout, user_errors, wrote
 from .flags import Verbose, options_flags
 
@@ -190,6 +192,10 @@ def recommend(
             wrote(f"{written_to} ({display.written_variant(rec)})")
     out = stdout()
     out.print(display.recommendation_view(rec, out.width, written=None if written_to is None else str(written_to)))
+
+
+app.command("extract")(extract_command)
+app.command("resize")(resize_command)
 
 
 class DemoApp(Protocol):

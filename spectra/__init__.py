@@ -35,6 +35,10 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
+    from spectra.lora.extract import extract
+    from spectra.lora.resize import resize
+    from spectra.lora.rules import RankRule
+    from spectra.lora.split import ExtractResult, ModuleResult, extraction_json, save_extraction
     from spectra.pipeline import analyze, analyze_many
     from spectra.report.html import write_comparison_report, write_report
 
@@ -51,6 +55,13 @@ _LAZY = {
     "analyze_many": "spectra.pipeline",
     "write_report": "spectra.report.html",
     "write_comparison_report": "spectra.report.html",
+    "extract": "spectra.lora.extract",
+    "resize": "spectra.lora.resize",
+    "RankRule": "spectra.lora.rules",
+    "ExtractResult": "spectra.lora.split",
+    "ModuleResult": "spectra.lora.split",
+    "save_extraction": "spectra.lora.split",
+    "extraction_json": "spectra.lora.split",
 }
 
 
@@ -71,14 +82,17 @@ __all__ = [
     "Analysis",
     "CheckpointError",
     "CheckpointInfo",
+    "ExtractResult",
     "GroupSummary",
     "KindUse",
     "LayerMetrics",
     "MismatchError",
+    "ModuleResult",
     "Options",
     "OptionsError",
     "ProgressHook",
     "RankOption",
+    "RankRule",
     "RankUse",
     "RecommendSettings",
     "Recommendation",
@@ -89,12 +103,16 @@ __all__ = [
     "__version__",
     "analyze",
     "analyze_many",
+    "extract",
+    "extraction_json",
     "kind_use",
     "load_analysis",
     "printable",
     "rank_use",
     "recommend",
+    "resize",
     "save_analysis",
+    "save_extraction",
     "save_summary",
     "to_json",
     "use_sentences",
