@@ -215,6 +215,18 @@ def test_make_executor_builds_what_options_ask_for(monkeypatch: pytest.MonkeyPat
     assert isinstance(ray, RayExecutor) and (ray.address, ray.device, ray.threads) == ("ray://head:10001", "auto", 2)
 
 
+def test_ray_refuses_jobs_over_tensors_in_memory() -> None:
+    """Only jobs that name files can go to other processes (no Ray needed: refused before Ray starts)."""
+
+    @dataclass(frozen=True)
+    class InMemory:
+        tuned: torch.Tensor
+
+    held = Job("w", (2, 2), InMemory(torch.ones(2, 2)))  # type: ignore[arg-type]
+    with pytest.raises(OptionsError, match="w: in-memory inputs run on the local executor only"):
+        list(RayExecutor().run([job("a", (2, 2)), held], Values()))
+
+
 def test_the_pipeline_records_the_devices_it_used(planted_pair: PairFactory) -> None:
     base, tuned, _ = planted_pair()
     assert analyze(base, tuned, Options(devices=("cpu",))).device == "cpu"

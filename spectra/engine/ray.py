@@ -32,7 +32,7 @@ from spectra.engine.kernels import Kernel
 from spectra.engine.local import LocalExecutor, Materialize
 from spectra.errors import OptionsError, SpectraError
 from spectra.plan.delta import make_delta
-from spectra.plan.jobs import Job
+from spectra.plan.jobs import Dense, Factored, Job
 from spectra.records import DEVICES, Resources, Skipped
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,19 @@ class RayExecutor:
         """(job, result) for every job, in completion order (largest jobs are handed out first).
 
         Raises:
-            OptionsError: Ray is not installed, or device "cuda" on a cluster without GPUs.
+            OptionsError: Ray is not installed, device "cuda" on a cluster without GPUs, or a job over tensors in
+                memory (not files).
             SpectraError: the cluster cannot be reached, an actor died more than `retries` times, or a job's own
                 error (CheckpointError, ...) as the local executor raises it.
         """
         if not jobs:
             return
+        local = next((job for job in jobs if not isinstance(job.operand, Dense | Factored)), None)
+        if local is not None:  # in-memory tensors (a state dict, an nn.Module) cannot reach other processes
+            raise OptionsError(
+                f"{local.name}: in-memory inputs run on the local executor only; drop --executor ray, or save the "
+                "model as safetensors on storage every node reads"
+            )
         ray = import_ray()
         connect(ray, self.address)
         gpu, n_actors = self._placement(ray)
