@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")
+DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")  # an entry of Options.devices
 PRECISIONS = ("fast", "exact")
 DEFAULT_LORA_RANKS = (8, 16, 64, 256)
 
@@ -36,6 +38,12 @@ class Options:
         batch_bytes: memory budget for one batch of stacked ΔW; None derives it from the device.
         threads: cap on intra-op CPU threads; None leaves torch's default.
         download: allow huggingface_hub to download a hub id missing from the local cache.
+        devices: local executor only: the devices to run on, one worker each, e.g. ("cuda:0", "cuda:1"); None: every
+            visible GPU (when `device` resolves to CUDA), else the CPU.
+        executor: "local" (this process) or "ray" (Ray actors, one per GPU or CPU worker). "ray:ADDRESS" and
+            "ray://HOST:PORT" are accepted and set `ray_address`.
+        ray_address: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None with executor "ray":
+            start a local Ray. Setting it implies executor "ray".
     """
 
     threshold: float = 0.9
@@ -47,6 +55,9 @@ class Options:
     batch_bytes: int | None = None
     threads: int | None = None
     download: bool = False
+    devices: tuple[str, ...] | None = None
+    executor: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 < self.threshold <= 1.0):  # also rejects NaN
@@ -68,6 +79,33 @@ class Options:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be at least 1, got {self.threads}")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """Validate devices, executor and ray_address; "ray:ADDRESS" becomes executor "ray" with that address."""
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+            bad = [d for d in self.devices if not isinstance(d, str) or not DEVICE_NAME.fullmatch(d)]
+            if bad or not self.devices or len(set(self.devices)) < len(self.devices):
+                given = ",".join(map(str, self.devices))
+                raise OptionsError(f"devices must be distinct names like cuda:0,cuda:1 (or cpu), got {given!r}")
+        executor, address = self.executor, self.ray_address
+        if isinstance(executor, str) and executor.startswith("ray:"):
+            given = executor if executor.startswith("ray://") else executor.removeprefix("ray:")
+            if address is not None and address != given:
+                raise OptionsError(f"executor {executor!r} and ray_address {address!r} name different Ray clusters")
+            executor, address = "ray", given
+        if address is not None:
+            if not isinstance(address, str) or not address.strip():
+                raise OptionsError(f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+            if executor == "local":
+                executor = "ray"  # --ray-address alone asks for Ray
+        if executor not in EXECUTORS:
+            raise OptionsError(f"executor must be local, ray, ray:ADDRESS or ray://HOST:PORT, got {self.executor!r}")
+        if executor == "ray" and self.devices is not None:
+            raise OptionsError("devices apply to the local executor; on Ray each actor takes one GPU (or CPU worker)")
+        object.__setattr__(self, "executor", executor)
+        object.__setattr__(self, "ray_address", address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +115,23 @@ class Resources:
     Attributes:
         device: a resolved torch device name: "cpu", "cuda", "cuda:1" (never "auto").
         threads: cap on intra-op CPU threads (also the number of CPU workers); None leaves torch's default.
-        batch_bytes: bytes of matrices (and their results) in flight; None derives it from the device.
+        batch_bytes: bytes of matrices (and their results) in flight per device; None derives it from each device.
+        devices: several devices, one worker each (the local executor spreads jobs over them, largest first), e.g.
+            ("cuda:0", "cuda:1"); `device` is then devices[0]. (): `device` alone.
     """
 
     device: str = "cpu"
     threads: int | None = None
     batch_bytes: int | None = None
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.device == "auto" or not self.device:
-            raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {self.device!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if self.devices:
+            object.__setattr__(self, "device", self.devices[0])
+        for device in (self.device, *self.devices):
+            if device == "auto" or not device:
+                raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {device!r}")
         if self.batch_bytes is not None and self.batch_bytes < 1:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:

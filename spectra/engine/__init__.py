@@ -1,8 +1,10 @@
-"""engine: kernels (what to compute per matrix: Values, TopK) × executors (where: LocalExecutor); run() joins them."""
+"""engine: kernels (what to compute per matrix: Values, TopK) × executors (where: LocalExecutor, RayExecutor);
+run() joins them."""
 
-from spectra.engine.executor import Executor, ProgressHook, identity, run, schedule_key
+from spectra.engine.executor import Executor, ProgressHook, identity, largest_first, run, schedule_key
 from spectra.engine.kernels import Energy, Kernel, TopK, Values
-from spectra.engine.local import LocalExecutor, resolve_device
+from spectra.engine.local import LocalExecutor, resolve_device, resolve_devices
+from spectra.engine.ray import RayExecutor
 
 __all__ = [
     "Energy",
@@ -10,10 +12,13 @@ __all__ = [
     "Kernel",
     "LocalExecutor",
     "ProgressHook",
+    "RayExecutor",
     "TopK",
     "Values",
     "identity",
+    "largest_first",
     "resolve_device",
+    "resolve_devices",
     "run",
     "schedule_key",
 ]
