@@ -34,6 +34,11 @@ LoraRanks = Annotated[str, typer.Option(help="LoRA ranks for captured energy")]
 BatchBytes = Annotated[int | None, typer.Option(help="bytes of ΔW stacked per batch (default: derived)")]
 Threads = Annotated[int | None, typer.Option(help="cap on CPU threads (default: torch's)")]
 Download = Annotated[bool, typer.Option(help="let huggingface_hub fetch a hub id missing from the cache")]
+BaseQuantization = Annotated[
+    str | None, typer.Option(help="nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)")
+]
+QuantBlockSize = Annotated[int, typer.Option(help="absmax block size of --base-quantization nf4/fp4")]
+DoubleQuant = Annotated[bool, typer.Option(help="--base-quantization nf4/fp4 with double quantisation (QLoRA's)")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
 
 # Options field -> its flag (the flag is --field-name); every field of Options has one
@@ -47,6 +52,9 @@ OPTIONS_FLAGS: dict[str, Any] = {
     "batch_bytes": BatchBytes,
     "threads": Threads,
     "download": Download,
+    "base_quantization": BaseQuantization,
+    "quant_block_size": QuantBlockSize,
+    "double_quant": DoubleQuant,
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 
-from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
+from spectra.analysis.metrics import compute_metrics, module_kinds, quantization_notes, reading_order, summarize
 from spectra.engine.executor import ProgressHook, identity, run
 from spectra.engine.kernels import Values
 from spectra.engine.local import LocalExecutor, resolve_device
@@ -181,7 +181,7 @@ def _analysis(
         elapsed_s=time.perf_counter() - started,
         version=version(),
         created=created,
-        notes=notes,
+        notes=(*notes, *quantization_notes(layers, options)),
     )
 
 

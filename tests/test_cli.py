@@ -173,6 +173,9 @@ SHARED_FLAGS = {
     "--batch-bytes": "bytes of ΔW stacked per batch",
     "--threads": "cap on CPU threads",
     "--download": "let huggingface_hub fetch a hub id missing from the cache",
+    "--base-quantization": "nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)",
+    "--quant-block-size": "absmax block size of --base-quantization nf4/fp4",
+    "--double-quant": "--base-quantization nf4/fp4 with double quantisation (QLoRA's)",
     "--verbose": "log decisions (skips, batches, device) to stderr",
 }
 EVERY_FLAG = (
