@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from builders import layer_metrics
 from spectra import MismatchError, Options, OptionsError, Spectrum, analyze, load_analysis, save_analysis
-from spectra.analysis.metrics import compute_metrics, quantization_notes
+from spectra.analysis.metrics import compute_metrics, energy_rank, quantization_notes
 from spectra.plan import quant
 from spectra.plan.quant import QuantSpec, probe, probe_rows, quantized_by_qlora, quantized_transposed, round_trip
 from spectra.records import QuantProbe
@@ -353,3 +353,62 @@ def test_the_energy_check_needs_most_linear_matrices_alike() -> None:
     assert "4 of 7 linear matrices" in note
     assert quantization_notes(like + low_rank + small, Options()) == ()
     assert quantization_notes(like, Options(base_quantization="nf4")) == ()
+
+
+# ---------------------------------------------------------------- a real QLoRA run (transformers + PEFT + bitsandbytes)
+
+
+@requires_bnb
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_peft_qlora_run_merged_16bit(tmp_path: Path) -> None:
+    """A tiny Llama loaded in NF4 (double quantisation, bf16 compute) on the CPU, a LoRA trained on all linear layers
+    for 10 AdamW steps, merged as "merged_16bit" exports are (each layer's dequantised weight + its LoRA ΔW, bf16):
+    without the flag every linear matrix is flagged; with it rank@0.9 and ‖ΔW‖ are those of the LoRA's own ΔW."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    config.vocab_size = 100
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=bnb_config, dtype=torch.bfloat16, device_map="cpu"
+    )
+    model = peft.get_peft_model(
+        peft.prepare_model_for_kbit_training(model), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tokens = torch.randint(0, 100, (4, 16))
+    for _ in range(10):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    functional = bnb()
+    base_sd = load_file(tmp_path / "base" / "model.safetensors")
+    merged, lora = dict(base_sd), {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear4bit):
+            weight = module.base_layer.weight
+            key = name.removeprefix("base_model.model.") + ".weight"
+            lora[key] = module.get_delta_weight("default").detach().double()
+            merged[key] = (functional.dequantize_4bit(weight.data, weight.quant_state) + lora[key]).bfloat16()
+    save_file({k: v.contiguous() for k, v in merged.items()}, tmp_path / "merged.safetensors")
+    assert len(lora) == 14
+    flagged = analyze(tmp_path / "base" / "model.safetensors", tmp_path / "merged.safetensors")
+    assert {lm.name for lm in flagged.layers if lm.quantized_base == "nf4"} == set(lora)
+    assert any("--base-quantization nf4" in n for n in flagged.notes)
+    options = Options(precision="exact", base_quantization="nf4")
+    for lm in analyze(tmp_path / "base" / "model.safetensors", tmp_path / "merged.safetensors", options).layers:
+        s = torch.linalg.svdvals(lora[lm.name]).numpy()
+        assert abs(lm.rank - energy_rank(s, 0.9)) <= 1
+        assert lm.frobenius_norm == pytest.approx(float(np.linalg.norm(s)), rel=max(lm.noise_fraction, 1e-3))
