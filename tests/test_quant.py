@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from typer.testing import CliRunner
 from builders import layer_metrics
 from spectra import MismatchError, Options, OptionsError, Spectrum, analyze, load_analysis, save_analysis
 from spectra.analysis.metrics import compute_metrics, energy_rank, quantization_notes
-from spectra.plan import quant
+from spectra.io.checkpoint import open_checkpoint
+from spectra.plan import Dense, plan_pair, quant
 from spectra.plan.quant import QuantSpec, probe, probe_rows, quantized_by_qlora, quantized_transposed, round_trip
 from spectra.records import QuantProbe
 from spectra_cli.app import app
@@ -137,6 +139,22 @@ def test_which_weights_a_qlora_run_quantises() -> None:
         assert not quantized_by_qlora(name), name
     assert not quantized_by_qlora("model.layers.0.self_attn.q_proj.bias")
     assert quantized_transposed("transformer.h.3.mlp.c_fc.weight") and not quantized_transposed(LINEAR[0])
+
+
+@requires_bnb
+def test_the_plan_quantises_linear_weights_only_and_pickles(tmp_path: Path) -> None:
+    base, tuned, _ = qlora_pair(tmp_path)
+    options = Options(base_quantization="fp4", quant_block_size=128, double_quant=False)
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        plan = plan_pair(b, t, options)
+        probing = plan_pair(b, t, Options())
+    specs = {job.name: job.operand.base_quant for job in plan.jobs if isinstance(job.operand, Dense)}
+    assert {n for n, spec in specs.items() if spec is not None} == set(LINEAR)
+    assert specs[LINEAR[0]] == QuantSpec("fp4", 128, False, False)
+    assert {j.name for j in probing.jobs if isinstance(j.operand, Dense) and j.operand.quant_probe} == set(LINEAR)
+    assert pickle.loads(pickle.dumps(plan)) == plan
+    (note,) = plan.notes
+    assert "fp4 (block size 128, double quantisation off)" in note and "the 2 others" in note
 
 
 # ---------------------------------------------------------------- the probe

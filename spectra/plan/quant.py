@@ -101,10 +101,10 @@ def quant_note(specs: list[QuantSpec | None]) -> str | None:
     spec, kept = used[0], len(specs) - len(used)
     how = "row-wise absmax" if spec.kind == "int8" else f"block size {spec.block_size}, double quantisation "
     how += "" if spec.kind == "int8" else ("on" if spec.double_quant else "off")
+    others = f"; the {kept} others (embeddings, lm_head, task heads) are diffed against the base as stored"
     return (
         f"ΔW is formed against dequant(quant(W_base)), {spec.kind} ({how}) computed with bitsandbytes, for the "
-        f"{len(used)} linear weights a QLoRA run quantises; the {kept} others (embeddings, lm_head, task heads) "
-        "are diffed against the base as stored"
+        f"{len(used)} linear weights a QLoRA run quantises" + (others if kept else "")
     )
 
 
