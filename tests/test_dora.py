@@ -8,6 +8,7 @@ planted cases (m equal to the norms: ΔW = s·B@A; B = 0: ΔW = (m/‖W‖ − 1
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,7 @@ def test_without_base_one_line_exit_1(llama_dora: tuple[Path, Path, dict[str, np
     assert len(lines) == 1 and "DoRA adapter" in lines[0] and "pass the base model as BASE" in lines[0]
 
 
-@pytest.mark.skipif(not quant.bitsandbytes_available(), reason="needs bitsandbytes (the quant extra)")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the quant extra)")
 def test_qdora_forms_delta_against_the_quantised_base(tmp_path: Path) -> None:
     """QDoRA (DoRA trained on a 4-bit base): W is dequant(quant(W)) in the norm and in the difference."""
     g = torch.Generator().manual_seed(7)

@@ -8,6 +8,7 @@ bitsandbytes skip without it (pip install 'spectra-lm[quant]'); the others simul
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import pickle
@@ -30,7 +31,9 @@ from spectra.plan.quant import QuantSpec, probe, probe_rows, quantized_by_qlora,
 from spectra.records import QuantProbe
 from spectra_cli.app import app
 
-requires_bnb = pytest.mark.skipif(not quant.bitsandbytes_available(), reason="needs bitsandbytes (the quant extra)")
+requires_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the quant extra)"
+)
 LINEAR = tuple(
     f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 )

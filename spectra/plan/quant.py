@@ -37,7 +37,6 @@ PROBE_BLOCK: Final = 64  # the block size of the probe's 4-bit types: transforme
 PROBE_ELEMENTS: Final = 1 << 16  # elements of W_base sampled per matrix (1024 blocks of 64)
 PROBE_SEGMENTS: Final = 8  # row ranges the sample is spread over
 QUANT_CHUNK: Final = 1 << 22  # elements quantised at a time (a multiple of every block size): ~50 MB temporaries
-MISSING: Final = "bitsandbytes is not installed; install the quant extra: pip install 'spectra-lm[quant]'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +109,15 @@ def quant_note(specs: list[QuantSpec | None]) -> str | None:
 
 @cache
 def bitsandbytes_available() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
+    """True when bitsandbytes imports (checked once per process; a broken install counts as missing, logged)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    try:
+        require_bitsandbytes()
+    except Exception as exc:  # any failure of a third-party import: the probe is optional, the analysis goes on
+        log.warning("bitsandbytes is installed but does not import (%s); ΔW is not checked for a quantised base", exc)
+        return False
+    return True
 
 
 def require_bitsandbytes() -> ModuleType:
@@ -125,7 +132,10 @@ def require_bitsandbytes() -> ModuleType:
     try:
         return importlib.import_module("bitsandbytes.functional")
     except ImportError:
-        raise OptionsError(f"--base-quantization (Options.base_quantization) needs bitsandbytes: {MISSING}") from None
+        raise OptionsError(
+            "--base-quantization (Options.base_quantization) needs bitsandbytes, which is not installed: "
+            "pip install 'spectra-lm[quant]'"
+        ) from None
     finally:
         bnb_logger.setLevel(previous)
 
