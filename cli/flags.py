@@ -44,6 +44,11 @@ Executor = Annotated[
 RayAddress = Annotated[
     str | None, typer.Option(help="join this Ray cluster: auto, HOST:PORT or ray://HOST:PORT (implies --executor ray)")
 ]
+BaseQuantization = Annotated[
+    str | None, typer.Option(help="nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)")
+]
+QuantBlockSize = Annotated[int, typer.Option(help="absmax block size of --base-quantization nf4/fp4")]
+DoubleQuant = Annotated[bool, typer.Option(help="--base-quantization nf4/fp4 with double quantisation (QLoRA's)")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
 
 # Options field -> its flag (the flag is --field-name); every field of Options has one
@@ -60,6 +65,9 @@ OPTIONS_FLAGS: dict[str, Any] = {
     "devices": Devices,
     "executor": Executor,
     "ray_address": RayAddress,
+    "base_quantization": BaseQuantization,
+    "quant_block_size": QuantBlockSize,
+    "double_quant": DoubleQuant,
 }
 
 

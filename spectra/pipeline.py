@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import torch
 
-from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
+from spectra.analysis.metrics import compute_metrics, module_kinds, quantization_notes, reading_order, summarize
 from spectra.engine.executor import ProgressHook, identity, run
 from spectra.engine.kernels import Values
 from spectra.engine.local import LocalExecutor, resolve_devices
@@ -292,7 +292,7 @@ def _analysis(
         elapsed_s=time.perf_counter() - started,
         version=version(),
         created=created,
-        notes=notes,
+        notes=(*notes, *quantization_notes(layers, options)),
     )
 
 

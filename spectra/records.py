@@ -23,6 +23,8 @@ EXECUTORS = ("local", "ray")
 DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")  # an entry of Options.devices
 PRECISIONS = ("fast", "exact")
 DEFAULT_LORA_RANKS = (8, 16, 64, 256)
+BASE_QUANTIZATIONS = ("nf4", "fp4", "int8")  # bitsandbytes' 4-bit (QLoRA) data types and LLM.int8() weights
+QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,12 @@ class Options:
             "ray://HOST:PORT" are accepted and set `ray_address`.
         ray_address: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None with executor "ray":
             start a local Ray. Setting it implies executor "ray".
+        base_quantization: "nf4", "fp4" or "int8": form ΔW against dequant(quant(W_base)) computed with
+            bitsandbytes, for the linear weights a QLoRA run quantises (a merged QLoRA model); None: W_base as stored.
+        quant_block_size: elements per absmax block of the 4-bit types (bitsandbytes' default, 64, is what
+            transformers' BitsAndBytesConfig uses); int8 quantises row-wise and ignores it.
+        double_quant: the 4-bit absmax values were quantised again (QLoRA's double quantisation,
+            bnb_4bit_use_double_quant=True); int8 ignores it.
     """
 
     threshold: float = 0.9
@@ -58,6 +66,9 @@ class Options:
     devices: tuple[str, ...] | None = None
     executor: str = "local"
     ray_address: str | None = None
+    base_quantization: str | None = None
+    quant_block_size: int = 64
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.threshold <= 1.0):  # also rejects NaN
@@ -106,6 +117,13 @@ class Options:
             raise OptionsError("devices apply to the local executor; on Ray each actor takes one GPU (or CPU worker)")
         object.__setattr__(self, "executor", executor)
         object.__setattr__(self, "ray_address", address)
+        if self.base_quantization is not None and self.base_quantization not in BASE_QUANTIZATIONS:
+            raise OptionsError(
+                f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, got {self.base_quantization!r}"
+            )
+        if isinstance(self.quant_block_size, bool) or self.quant_block_size not in QUANT_BLOCK_SIZES:
+            sizes = ", ".join(map(str, QUANT_BLOCK_SIZES))
+            raise OptionsError(f"quant_block_size must be one of {sizes} (bitsandbytes), got {self.quant_block_size!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +191,16 @@ class Skipped:
 
 
 @dataclass(frozen=True, slots=True)
+class QuantProbe:
+    """Whether ΔW carries the quantisation error E = dequant(quant(W_base)) − W_base of one bitsandbytes type, as a
+    ΔW between a merged QLoRA model and its 16-bit base does; measured on a sample of W_base's blocks."""
+
+    kind: str  # the best-matching type among BASE_QUANTIZATIONS (4-bit at block size 64)
+    coefficient: float  # ⟨ΔW, E⟩ / ‖E‖² on the sample: ≈ 1 when ΔW holds E whole, ≈ 0 when unrelated
+    energy: float  # ‖E‖_F² estimated for the whole matrix (the sample's, scaled by the element count)
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """A materialised job (spectra.plan.delta): ΔW = W_tuned − W_base for one matched 2-D weight, dense or factored
     (adapters), or a raw weight W. Lives in the torch stages, inside an executor.
@@ -187,6 +215,7 @@ class Delta:
     base_norm: float | None  # ‖W_base‖_F, None when no base was given
     dtype: str  # storage dtype of the tuned tensor, e.g. "bf16"
     noise_energy: float  # expected ‖rounding noise‖_F² that storing W_tuned in `dtype` adds to ΔW
+    quant: QuantProbe | None = None  # the base-quantisation probe of a linear weight; None: not probed
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +230,7 @@ class Spectrum:
     dtype: str
     noise_energy: float
     method: str  # how s was computed: "svd-f64", "gram-f32", "gram-f64", "factored-f64"
+    quant: QuantProbe | None = None  # Delta.quant, passed through
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +276,8 @@ class LayerMetrics:
     dtype: str  # storage dtype of the tuned tensor
     method: str  # spectrum method, see Spectrum.method
     s: np.ndarray = field(compare=False, repr=False, metadata={"json": "singular_values"})
+    quant_error_fraction: float | None = None  # the base's quantisation error / ‖ΔW‖_F² (probe); None: not probed
+    quantized_base: str | None = None  # "nf4", "fp4", "int8": ΔW carries that quantisation error of W_base
 
     def row(self) -> dict[str, Any]:
         """The JSON's scalar fields, flat: shape as rows/cols, E(r) as captured_<r>, LoRA sizes as lora_params_<r>."""

@@ -179,6 +179,9 @@ SHARED_FLAGS = {
     "--devices": "local devices, one worker each",
     "--executor": "local | ray",
     "--ray-address": "join this Ray cluster",
+    "--base-quantization": "nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)",
+    "--quant-block-size": "absmax block size of --base-quantization nf4/fp4",
+    "--double-quant": "--base-quantization nf4/fp4 with double quantisation (QLoRA's)",
     "--verbose": "log decisions (skips, batches, device) to stderr",
 }
 EVERY_FLAG = (

@@ -78,7 +78,7 @@ class Values:
         if self.precision != "exact":
             s, methods = fast_values(x, gemm_threads=threads)
         return [
-            Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i])
+            Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i], d.quant)
             for i, d in enumerate(deltas)
         ]
 
