@@ -150,7 +150,7 @@ import sys
 heavy = ("typer", "rich", "matplotlib", "jinja2", "transformers", "peft", "spectra_cli", "spectra_demo")
 import spectra
 print(sorted(m for m in heavy if m in sys.modules))
-print([n for n in spectra.__all__ if n not in ("write_report", "write_comparison_report") and not hasattr(spectra, n)])
+print([n for n in spectra.__all__ if not n.startswith("write_") and not hasattr(spectra, n)])
 import spectra_cli.app
 print(sorted(m for m in ("matplotlib", "transformers", "peft", "spectra_demo") if m in sys.modules))
 print(callable(spectra.write_report) and callable(spectra.write_comparison_report), "matplotlib" in sys.modules)
