@@ -26,6 +26,8 @@ from spectra import (
 )
 
 from . import display
+from .commands import compare as compare_command
+from .commands import trajectory as trajectory_command
 from .console import err, out, progress, setup_logging, user_errors, wrote
 from .flags import Verbose, options_flags
 
@@ -41,10 +43,11 @@ app = typer.Typer(
 CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
 Checkpoint = Annotated[str, typer.Argument(help=escape(CHECKPOINT_HELP))]  # escape: [@revision] is not markup
 Tuned = Annotated[
-    str | None,
+    list[str] | None,
     typer.Argument(
         help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
-        "with one argument, that argument is an adapter analysed alone"
+        "with one argument, that argument is an adapter analysed alone; several: analysed side by side",
+        show_default=False,
     ),
 ]
 AnalysisJson = Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")]
@@ -71,15 +74,19 @@ def rank(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
     tsv: Annotated[bool, typer.Option(help="print per-matrix rows as TSV instead of tables")] = False,
+    label: compare_command.Labels = None,
     *,
     options: Options,
 ) -> None:
     """Print, per matrix, the rank that explains THRESHOLD of ΔW = TUNED − BASE's energy, with the measures around it.
 
-    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
+    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors; `spectra rank BASE
+    T1 T2 …` analyses several fine-tunes of one base side by side (--label names them).
     """
+    if tuned and len(tuned) > 1:
+        return compare_command.rank_side_by_side(base, tuned, label, json_path, html, tsv, options)
     with user_errors():
-        base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
+        base_path, tuned_path = (base, tuned[0]) if tuned else (None, base)
         analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
         if json_path is not None:
             wrote(save_analysis(analysis, json_path))
@@ -100,9 +107,10 @@ def report(
     analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
+    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory (no SVD is
+    recomputed)."""
     with user_errors():
-        write_html(load_analysis(analysis_json), output)
+        wrote(spectra.write_record_report(spectra.load_record(analysis_json), output))
 
 
 @app.command()
@@ -181,6 +189,10 @@ def demo(
             progress=progress("working"),
         )
     out.print(summary)
+
+
+compare_command.register(app)
+trajectory_command.register(app)
 
 
 def main() -> None:

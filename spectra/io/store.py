@@ -185,7 +185,7 @@ def load_record(path: str | Path) -> object:
     decode = _DECODERS.get(fmt) if isinstance(fmt, str) else None
     if decode is None:
         known = ", ".join(sorted(_DECODERS))
-        raise SpectraError(f"{path}: not a spectra record (format {fmt!r}; known formats: {known})")
+        raise SpectraError(f"{path}: not a spectra analysis or other spectra record (format {fmt!r}; known: {known})")
     try:
         return decode(data)
     except SpectraError as exc:

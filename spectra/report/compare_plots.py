@@ -126,6 +126,8 @@ def plot_intruders(comparison: Comparison) -> Figure:
     right.bar(x - 0.2, a, 0.4, color=shades, label=comparison.labels[0])
     right.bar(x + 0.2, b, 0.4, color=shades, hatch="//", edgecolor="white", alpha=0.7, label=comparison.labels[1])
     right.set_xticks(x, [kc.kind for kc in kinds], rotation=30, ha="right", fontsize=8)
+    right.set_ylim(0.0, max(1, *a, *b) * 1.15)
+    right.yaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel(f"intruders at ε = {s.epsilon:g}")
     right.legend(fontsize=8)
     return fig
