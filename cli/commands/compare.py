@@ -189,11 +189,12 @@ def side_by_side_view(record: SideBySide) -> RenderableType:
         matrices.add_column(label, justify="right")
     for name in names:
         matrices.add_row(short[name], *(str(r[name].rank) if name in r else "—" for r in ranks))
-    kinds = Table(title=f"median {tau} (max) and E(r) per module kind", title_justify="left")
-    kinds.add_column("kind", justify="left")
     lora = first.options.lora_ranks
+    what = f"median {tau} (max) · E(r) % at r={'/'.join(map(str, lora))}"
+    kinds = Table(title=f"per module kind: {what}", title_justify="left")
+    kinds.add_column("kind", justify="left")
     for label in record.labels:
-        kinds.add_column(f"{label}: median (max) · E(r) % r={'/'.join(map(str, lora))}", justify="right")
+        kinds.add_column(label, justify="right")
     groups = [{g.key: g for g in a.summary.kinds} for a in record.analyses]
     for kind in dict.fromkeys(k for g in groups for k in g):
         cells = []
