@@ -41,7 +41,7 @@ from spectra.engine.local import LocalExecutor, resolve_device
 from spectra.errors import CheckpointError, OptionsError, SpectraError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.store import FORMAT, load_analysis, save_analysis
-from spectra.names import ADAPTER_CONFIG, module_kinds
+from spectra.names import ADAPTER_CONFIG, module_kinds, natural_key, reading_order
 from spectra.pipeline import analyze_many, version
 from spectra.records import Analysis, Factors, Options, Resources, Skipped
 
@@ -289,7 +289,9 @@ def _similarities(
                 phi[i][key] = value
     kinds = module_kinds(list(dims))
     out = []
-    for i, values in enumerate(phi):
+    order = sorted(dims, key=lambda k: (reading_order(*kinds[k]), natural_key(k)))
+    for i, found in enumerate(phi):
+        values = {key: found[key] for key in order if key in found}
         by_kind: dict[str, list[float]] = {}
         chance: dict[str, float] = {}
         for key, value in values.items():

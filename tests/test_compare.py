@@ -23,7 +23,7 @@ from spectra import (
     save_record,
     write_record_report,
 )
-from spectra.compare.intruders import intruder_counts, max_cosines
+from spectra.compare.intruders import intruder_counts, max_cosines, top_left_vectors
 from spectra.compare.subspace import (
     chance_similarity,
     principal_angles,
@@ -117,6 +117,15 @@ def test_intruder_cosines_match_peft_lines(shape: tuple[int, int]) -> None:
         u_tuned = np.linalg.svd(merged)[0][:, :10]
         ours = intruder_counts(max_cosines(u_tuned, u_base), [0.5])[0.5]
         assert ours == len(peft_intruders(torch.from_numpy(w), torch.from_numpy(merged)))
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_top_left_vectors_match_numpy_svd(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(5)
+    w = (orthonormal(rng, shape[0], 20) * np.geomspace(100.0, 0.1, 20)) @ orthonormal(rng, shape[1], 20).T
+    ours, reference = top_left_vectors(w, 10), np.linalg.svd(w)[0][:, :10]
+    np.testing.assert_allclose(np.abs(np.sum(ours * reference, axis=0)), np.ones(10), atol=1e-10)
+    np.testing.assert_allclose(ours.T @ ours, np.eye(10), atol=1e-12)
 
 
 # ---------------------------------------------------------------- planted cases, end to end through checkpoints

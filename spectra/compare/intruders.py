@@ -34,9 +34,18 @@ def intruder_counts(max_cos: np.ndarray, epsilons: Sequence[float]) -> dict[floa
 
 
 def top_left_vectors(w: np.ndarray, k: int) -> np.ndarray:
-    """The leading min(k, m, n) left singular vectors of a dense float64 matrix w (m, n), descending σ.
+    """The leading min(k, m, n) left singular vectors of a dense float64 matrix w (m, n), in order of σ.
 
     Used where W_tuned is rebuilt from factors (W_base's triplets + an adapter's ΔW) instead of read from a file.
+    Gram route with one Rayleigh–Ritz step, as the engine's TopK("gram") (spectra/engine/topk.py): eigenvectors of
+    the smaller Gram matrix, then a thin SVD of w's product with them, so both sides are orthonormal to rounding.
     """
-    u, _, _ = np.linalg.svd(w, full_matrices=False)
-    return np.ascontiguousarray(u[:, : min(k, *w.shape)])
+    m, n = w.shape
+    kk = min(k, m, n)
+    if m <= n:
+        u0 = np.linalg.eigh(w @ w.T)[1][:, ::-1][:, :kk]  # top-kk left subspace
+        _, _, qt = np.linalg.svd(w.T @ u0, full_matrices=False)  # wᵀ(u0 Q) = P Σ: u0 Q are the left vectors
+        return np.ascontiguousarray(u0 @ qt.T)
+    v0 = np.linalg.eigh(w.T @ w)[1][:, ::-1][:, :kk]  # top-kk right subspace
+    p, _, _ = np.linalg.svd(w @ v0, full_matrices=False)
+    return np.ascontiguousarray(p)

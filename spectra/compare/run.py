@@ -197,7 +197,7 @@ def _pair_up(
     """Match A's and B's jobs by base key; everything that does not match both is skipped with the reason."""
     by_key = [{base_key(job): job for job in plan.jobs} for plan in plans]
     common = [k for k in by_key[0] if k in by_key[1]]
-    skipped = [s for plan in plans for s in plan.skipped if s.reason not in ("only-in-base",)]
+    skipped = list(dict.fromkeys(s for plan in plans for s in plan.skipped if s.reason != "only-in-base"))
     for source, other in ((0, 1), (1, 0)):
         for key in by_key[source].keys() - by_key[other].keys():
             skipped.append(Skipped(key, "only-in-tuned", f"analysed in {labels[source]} only"))
