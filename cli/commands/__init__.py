@@ -1,1 +1,2 @@
-"""One module per command that does not live in app.py; each exposes the command function app.py registers."""
+"""One module per command beyond the core ones in app.py: extract and resize expose the command function app.py
+registers; compare and trajectory expose `register(app)`."""
