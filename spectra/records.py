@@ -237,6 +237,8 @@ class Recommendation:
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
     caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
+    rule: str = "energy"  # the rank rule behind it (spectra.analysis.baselines.RULES)
+    not_low_rank: tuple[str, ...] = ()  # matrices whose asked-for rank reaches m·n/(m+n): fine-tune them fully
 
 
 @dataclass(frozen=True, slots=True)
