@@ -185,6 +185,14 @@ class LayerMetrics:
     dtype: str  # storage dtype of the tuned tensor
     method: str  # spectrum method, see Spectrum.method
     s: np.ndarray = field(compare=False, metadata={"json": "singular_values"})
+    # Rank rules that separate signal from the noise bulk (spectra.analysis.baselines; defaults: older analyses)
+    mp_rank: int = 0  # σ above the Marchenko–Pastur edge fitted to the median σ²
+    mp_edge: float = 0.0  # that edge, in σ units: √(median σ²/μ_β)·(1 + √β)
+    stable_rank_ceil: int = 0  # ⌈stable rank⌉
+    rank_captured: float = 0.0  # E(rank): what the energy rank keeps (≥ threshold; it reconstructs ΔW)
+    gd_captured: float = 0.0  # E(gd_rank)
+    mp_captured: float = 0.0  # E(mp_rank)
+    stable_captured: float = 0.0  # E(stable_rank_ceil)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from spectra.analysis import baselines
 from spectra.names import RANK_RTOL as RANK_RTOL
 from spectra.names import module_kinds as module_kinds
 from spectra.names import reading_order as reading_order
@@ -146,12 +147,14 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
     base = spectrum.base_norm
     noise = float(spectrum.noise_energy)
     noise_fraction = 0.0 if noise == 0.0 else (noise / energy if energy > 0.0 else math.inf)
+    rank = energy_rank(s, options.threshold, energy)
+    ranks = {rule: baselines.rule_rank(rule, s, (m, n), energy, rank) for rule in baselines.RULES}
     return LayerMetrics(
         name=spectrum.name,
         shape=(m, n),
         kind=kind,
         layer=layer,
-        rank=energy_rank(s, options.threshold, energy),
+        rank=rank,
         stable_rank=stable_rank(s, energy),
         effective_rank=effective_rank(s),
         spectral_norm=float(s[0]) if len(s) else 0.0,
@@ -166,6 +169,13 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
         dtype=spectrum.dtype,
         method=spectrum.method,
         s=s,
+        mp_rank=ranks["mp"],
+        mp_edge=baselines.mp_edge(s, (m, n)),
+        stable_rank_ceil=ranks["stable"],
+        rank_captured=baselines.kept(s, rank, energy),
+        gd_captured=baselines.kept(s, ranks["gd"], energy),
+        mp_captured=baselines.kept(s, ranks["mp"], energy),
+        stable_captured=baselines.kept(s, ranks["stable"], energy),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra.analysis.baselines import RULES, rule_rank
+from spectra.analysis.baselines import RULES, max_lora_rank, rule_rank
 from spectra.analysis.metrics import energy_rank
 from spectra.errors import OptionsError
 from spectra.lora.allocate import SpectraTable, allocate_ranks, smallest_uniform_rank, uniform_tradeoff
@@ -115,7 +115,10 @@ def _select_targets(layers: Sequence[LayerMetrics], include_embeddings: bool) ->
             targets.extend(group)
         else:
             dropped.append(f"{kind} ({energy[kind] / total if total else 0:.1%} of the energy)")
-    return targets, dropped
+    tiny = [lm for lm in targets if max_lora_rank(lm.shape) < 1]
+    if tiny:
+        dropped.append(f"{len(tiny)} matrices too small for a LoRA (rank 1 costs as much as the dense matrix)")
+    return [lm for lm in targets if max_lora_rank(lm.shape) >= 1], dropped
 
 
 def _uniform_choice(table: SpectraTable, goal: float, settings: RecommendSettings) -> tuple[RankOption, int | None]:
