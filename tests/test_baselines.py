@@ -131,7 +131,7 @@ def test_recommend_rule_counts_signal_directions() -> None:
         layer_metrics(f"model.layers.{i}.mlp.up_proj.weight", (200, 400), _planted(200, 400, 3 + i, 2.0, seed=i))
         for i in range(3)
     ]
-    energy = recommend(layers, max_rank=1000)
+    energy = recommend(layers, max_rank=1000, rule="energy")
     mp = recommend(layers, rule="mp")
     assert energy is not None and mp is not None and mp.rule == "mp"
     assert [mp.allocation[lm.name] for lm in layers] == [3, 4, 5]  # per-module: the planted ranks

@@ -177,7 +177,7 @@ def decaying_model(n_layers: int = 2) -> list[LayerMetrics]:
 
 
 def test_recommend_uniform_rank() -> None:
-    rec = recommend(decaying_model())
+    rec = recommend(decaying_model(), rule="energy")
     assert rec is not None
     assert rec.uniform_rank == 8 and not rec.cap_binds
     assert rec.uniform_captured == pytest.approx(8 / 8.56)
@@ -193,16 +193,16 @@ def test_recommend_uniform_rank() -> None:
 
 def test_recommend_cap_binds() -> None:
     flat = [block(i, "q_proj", (64, 64), np.ones(64)) for i in range(2)]
-    rec = recommend(flat, max_rank=16)
+    rec = recommend(flat, max_rank=16, rule="energy")
     assert rec is not None and rec.cap_binds
     assert rec.uniform_rank == 16 and rec.uniform_captured == pytest.approx(16 / 64)
     assert "cap 16" in rec.reason and "needs uniform rank 58" in rec.reason and "LoRA learns less" in rec.reason
     assert rec.not_low_rank == tuple(lm.name for lm in flat)  # 58 ≥ 64·64/128 = 32: not a LoRA
     assert "2 of 2 matrices are not low-rank" in rec.reason and "Fine-tune those modules fully" in rec.reason
-    odd = recommend(flat, max_rank=20)  # a cap that is not a power of two is used as given
+    odd = recommend(flat, max_rank=20, rule="energy")  # a cap that is not a power of two is used as given
     assert odd is not None and odd.uniform_rank == 20 and odd.uniform_captured == pytest.approx(20 / 64)
     assert 20 in {o.r for o in odd.tradeoff}
-    easy = recommend(flat, max_rank=20, target=0.25)
+    easy = recommend(flat, max_rank=20, target=0.25, rule="energy")
     assert easy is not None and easy.uniform_rank == 16 and not easy.cap_binds  # exact ties reach the target
 
 
@@ -291,7 +291,7 @@ def test_recommend_mixed_ranks_and_exclusions_resolve_exactly() -> None:
         for k, kind in enumerate(("q_proj", "k_proj", "v_proj"))
     ]
     layers += [block(i, "v_proj", (64, 64), rng.random(64) * 0.01) for i in (10, 11)]  # rank 0: excluded
-    rec = recommend(layers, budget=20 * 128 * 12)
+    rec = recommend(layers, budget=20 * 128 * 12, rule="energy")
     assert rec is not None
     zero = {lm.name for lm in layers if rec.allocation[lm.name] == 0}
     assert {"model.layers.10.self_attn.v_proj.weight", "model.layers.11.self_attn.v_proj.weight"} <= zero
@@ -382,7 +382,7 @@ def test_uniform_rank_is_the_smallest_integer_reaching_the_target() -> None:
     e = np.cumsum(s**2) / np.sum(s**2)
     target = float(e[129]) - 1e-4  # a 0.1-point miss at 129 must not double the rank to 256
     layers = [block(i, "gate_proj", (1536, 384), s) for i in range(2)]
-    rec = recommend(layers, target=target)
+    rec = recommend(layers, target=target, rule="energy")
     assert rec is not None and rec.uniform_rank == 130 and not rec.cap_binds and rec.not_low_rank == ()
     assert rec.uniform_captured == pytest.approx(float(e[129]))
     assert 130 in [o.r for o in rec.tradeoff]  # shown beside the ladder, which is for display
@@ -394,7 +394,7 @@ def test_recommend_never_returns_a_lora_as_large_as_the_dense_matrix() -> None:
     # Noise-like (flat) ΔW: energy@0.9 asks for rank 346 of 384 on 384×384 (break-even 192).
     rng = np.random.default_rng(0)
     flat = [block(i, kind, (384, 384), 1 + 0.01 * rng.random(384)) for i in range(2) for kind in ("q_proj", "v_proj")]
-    rec = recommend(flat, max_rank=1000)
+    rec = recommend(flat, max_rank=1000, rule="energy")
     assert rec is not None
     size = sum(lm.shape[0] * lm.shape[1] for lm in flat)
     assert rec.uniform_rank == 191 and rec.uniform_rank * 768 < 384 * 384  # capped below break-even
@@ -402,5 +402,22 @@ def test_recommend_never_returns_a_lora_as_large_as_the_dense_matrix() -> None:
     assert set(rec.not_low_rank) == {lm.name for lm in flat}
     assert "not low-rank at the energy target" in rec.reason and "lower the target" in rec.reason
     assert all(o.r <= 191 for o in rec.tradeoff)
-    low = recommend(flat, target=0.3)  # a lower target is low-rank again
+    low = recommend(flat, target=0.3, rule="energy")  # a lower target is low-rank again
     assert low is not None and low.not_low_rank == () and low.uniform_rank < 191
+
+
+def test_default_rule_does_not_size_the_lora_to_a_noise_bulk() -> None:
+    # A full fine-tune's shape: a few strong directions over an optimizer-noise bulk that fills the spectrum
+    # (energy@0.9 then asks for ~half the dense parameters, as on the demo's MiniLM fine-tune).
+    rng = np.random.default_rng(0)
+    noise = np.linalg.svd(rng.standard_normal((96, 192)), compute_uv=False)
+    s = np.concatenate([[120.0, 80.0, 60.0], noise[3:]])
+    layers = [block(i, "q_proj", (96, 192), s) for i in range(3)]
+    default = recommend(layers)
+    energy = recommend(layers, rule="energy")
+    assert default is not None and energy is not None
+    assert RecommendSettings().rule == "stable" and default.rule == "stable"
+    size = 3 * 96 * 192
+    assert default.allocation_params < 0.1 * size  # a LoRA, sized to the directions above the bulk
+    assert energy.uniform_rank >= 40 and energy.allocation_params > 0.5 * size  # reconstruction: the bulk too
+    assert "energy@90%: the rank that reconstructs ΔW" in energy.reason

@@ -26,7 +26,7 @@ from spectra.records import LayerMetrics, RankOption, Recommendation
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RULE = "energy"
+DEFAULT_RULE = "stable"  # validated on the demo fine-tune (benchmarks/validate_rules.py, README)
 MIN_KIND_SHARE = 0.01  # "meaningful energy": a module kind holding < 1% of the candidates' Σ‖ΔW‖_F² is not targeted
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
 
