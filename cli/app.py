@@ -24,6 +24,7 @@ from spectra import (
     save_analysis,
     write_adapter_config,
 )
+from spectra.lora.recommend import DEFAULT_RULE
 
 from . import display
 from .commands import compare as compare_command
@@ -177,6 +178,7 @@ def recommend(
     variant: Annotated[
         str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
     ] = "per-module",
+    rule: Annotated[str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")] = DEFAULT_RULE,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
@@ -191,6 +193,7 @@ def recommend(
             base_model=base_model or analysis.base_model_name,
             task_type=task,
             variant=variant,
+            rule=rule,
         )
         rec = spectra.recommend(analysis.layers, settings)
         if rec is None:

@@ -278,6 +278,14 @@ class LayerMetrics:
     s: np.ndarray = field(compare=False, repr=False, metadata={"json": "singular_values"})
     quant_error_fraction: float | None = None  # the base's quantisation error / ‖ΔW‖_F² (probe); None: not probed
     quantized_base: str | None = None  # "nf4", "fp4", "int8": ΔW carries that quantisation error of W_base
+    # Rank rules that separate signal from the noise bulk (spectra.analysis.baselines; defaults: older analyses)
+    mp_rank: int = 0  # σ above the Marchenko–Pastur edge fitted to the median σ²
+    mp_edge: float = 0.0  # that edge, in σ units: √(median σ²/μ_β)·(1 + √β)
+    stable_rank_ceil: int = 0  # ⌈stable rank⌉
+    rank_captured: float = 0.0  # E(rank): what the energy rank keeps (≥ threshold; it reconstructs ΔW)
+    gd_captured: float = 0.0  # E(gd_rank)
+    mp_captured: float = 0.0  # E(mp_rank)
+    stable_captured: float = 0.0  # E(stable_rank_ceil)
 
     def row(self) -> dict[str, Any]:
         """The JSON's scalar fields, flat: shape as rows/cols, E(r) as captured_<r>, LoRA sizes as lora_params_<r>."""
@@ -339,6 +347,8 @@ class Recommendation:
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
     caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
     variant: str = "per-module"  # which LoRA `config` holds: "per-module" (rank_pattern) or "uniform" (one r)
+    rule: str = "energy"  # the rank rule behind it (spectra.analysis.baselines.RULES)
+    not_low_rank: tuple[str, ...] = ()  # matrices whose asked-for rank reaches m·n/(m+n): fine-tune them fully
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from typing import Final
 
 import numpy as np
 
+from spectra.analysis import baselines
 from spectra.names import RANK_RTOL as RANK_RTOL
 from spectra.names import is_embedding
 from spectra.names import module_kinds as module_kinds
@@ -157,12 +158,14 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
     quant_fraction, quantized, quant_energy = quantization_error(spectrum, options.threshold)
     noise = float(spectrum.noise_energy) + quant_energy
     noise_fraction = 0.0 if noise == 0.0 else (noise / energy if energy > 0.0 else math.inf)
+    rank = energy_rank(s, options.threshold, energy)
+    ranks = {rule: baselines.rule_rank(rule, s, (m, n), energy, rank) for rule in baselines.RULES}
     return LayerMetrics(
         name=spectrum.name,
         shape=(m, n),
         kind=kind,
         layer=layer,
-        rank=energy_rank(s, options.threshold, energy),
+        rank=rank,
         stable_rank=stable_rank(s, energy),
         effective_rank=effective_rank(s),
         spectral_norm=float(s[0]) if len(s) else 0.0,
@@ -179,6 +182,13 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
         s=s,
         quant_error_fraction=quant_fraction,
         quantized_base=quantized,
+        mp_rank=ranks["mp"],
+        mp_edge=baselines.mp_edge(s, (m, n)),
+        stable_rank_ceil=ranks["stable"],
+        rank_captured=baselines.kept(s, rank, energy),
+        gd_captured=baselines.kept(s, ranks["gd"], energy),
+        mp_captured=baselines.kept(s, ranks["mp"], energy),
+        stable_captured=baselines.kept(s, ranks["stable"], energy),
     )
 
 
