@@ -50,12 +50,17 @@ def digest(root: Path) -> dict[str, str]:
     return found
 
 
+def messages(stderr: str) -> list[str]:
+    """The lines of stderr, less the one saying what is read (`spectra rank` starts with it)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("reading ")]
+
+
 def one_line(result: Result, code: int, *fragments: str) -> str:
     """The run exited `code` with exactly one `error:` line on stderr, no traceback, no raw control character."""
     output = result.stdout + result.stderr
     assert result.exit_code == code, output
     assert "Traceback" not in output and isinstance(result.exception, (SystemExit, type(None))), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = messages(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert "\x1b" not in result.stderr and "\r" not in result.stderr, result.stderr
     for fragment in fragments:
@@ -441,7 +446,7 @@ def test_allocation_failures_are_one_line(
     monkeypatch.setattr(resource, "getrlimit", lambda r: (limit, limit) if r == resource.RLIMIT_AS else real(r))
     result = invoke("rank", base, tuned, "--json", tmp_path / "out" / "a.json")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = messages(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
     assert not (tmp_path / "out").exists()
 
@@ -477,7 +482,7 @@ def test_real_address_space_limits(tmp_path: Path, mib: int) -> None:
         timeout=120,
         cwd=tmp_path,
     )
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    lines = messages(done.stderr)
     if done.returncode == 0:
         assert out.exists()
         return
@@ -701,7 +706,7 @@ def test_ctrl_c_twice_during_compute_is_one_line_and_never_sigabrt(tmp_path: Pat
         time.sleep(0.05)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = messages(stderr)
     assert len(lines) == 1 and lines[0].startswith("error: interrupted; no output was written"), stderr
     assert "terminate called" not in stderr and "Traceback" not in stderr
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["a.json.journal"]  # a journal, if any
@@ -721,7 +726,7 @@ def test_an_interrupt_during_start_up_is_quiet(tmp_path: Path, delay: float, sig
     time.sleep(delay)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert "Traceback" not in stderr and len([line for line in stderr.splitlines() if line.strip()]) <= 1, stderr
+    assert "Traceback" not in stderr and len(messages(stderr)) <= 1, stderr
     # killed by the signal only before Python's own handler exists; else one line and 128 + signal; or done already
     assert process.returncode in (0, 128 + signum, -signum), stderr
     if process.returncode != 0:

@@ -99,6 +99,8 @@ def test_an_output_folder_holding_an_input_is_refused(inputs: dict[str, Path], t
         outputs.folder(tmp_path / "in", "-o", overwrite=True)
     with pytest.raises(OptionsError, match="is the input folder"):
         outputs.folder(inputs["folder"], "-o", overwrite=True)
+    with pytest.raises(OptionsError, match="inside the input folder"):
+        outputs.folder(inputs["folder"] / "adapter", "-o")
 
 
 def test_a_hub_snapshots_blobs_are_part_of_it(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@
 
 Planning refuses, before anything runs, an output that resolves to an input file (symlinks followed, hard links
 too), one that would replace an existing file inside an input folder (or is such a folder, or contains an input),
-two outputs that are the same path (or one inside the other's folder), and a path that exists but is a folder, a
-FIFO or a device. New files inside an input folder are allowed (`--json model/analysis.json`).
+two outputs that are the same path (or one inside the other's folder), an output folder inside an input folder,
+and a path that exists but is a folder, a FIFO or a device. New files inside an input folder are allowed
+(`--json model/analysis.json`).
 
 Writing is all-or-nothing as far as POSIX allows: every output is first written completely under a hidden temp
 folder next to it (`.NAME.XXXXXXXX.tmp/NAME`); only when all are complete are they renamed into place, one after
@@ -109,6 +110,9 @@ class _Inputs:
             for inner, who in (*self.files.items(), *self.folders.items()):
                 if inner.is_relative_to(target):
                     return f"would replace a folder holding the input {shown(who)}"
+            for root, who in self.folders.items():
+                if target.is_relative_to(root):  # a folder of files inside a model folder would be read with it
+                    return f"is inside the input folder {shown(who)}"
         return None
 
 

@@ -13,8 +13,9 @@ import os
 import stat
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from spectra.names import printable
 from spectra.records import Analysis
 
 FORMAT = "spectra.analysis/1"
+SUMMARY_FORMAT = "spectra.summary/1"  # the same keys without singular values, for scripts; not reloadable
+T = TypeVar("T")
+Decoder = Callable[[dict[str, Any]], object]
 
 
 def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
@@ -54,8 +58,29 @@ def analysis_from_dict(data: dict[str, Any]) -> Analysis:
     return decoded
 
 
+def summary_to_dict(analysis: Analysis) -> dict[str, Any]:
+    """`analysis_to_dict` without the singular values (format "spectra.summary/1"): every scalar, summary and the
+    recommendation, a few kB whatever the model size."""
+    data = analysis_to_dict(analysis)
+    data["format"] = SUMMARY_FORMAT
+    for layer in data["layers"]:
+        layer.pop("singular_values", None)
+    return data
+
+
 def dumps(analysis: Analysis) -> str:
     return json.dumps(analysis_to_dict(analysis), indent=1, allow_nan=False)
+
+
+def to_json(analysis: Analysis, *, summary: bool = False) -> str:
+    """The JSON text `save_analysis` writes (or, with `summary`, `save_summary`), ending in a newline."""
+    data = summary_to_dict(analysis) if summary else analysis_to_dict(analysis)
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+
+def save_summary(analysis: Analysis, path: str | Path) -> Path:
+    """Write `summary_to_dict(analysis)` as JSON to `path` atomically; return the path."""
+    return write_atomic(Path(path), to_json(analysis, summary=True))
 
 
 def save_analysis(analysis: Analysis, path: str | Path) -> Path:
@@ -67,24 +92,34 @@ def load_analysis(path: str | Path) -> Analysis:
     """Read an analysis JSON written by `save_analysis`.
 
     Raises:
-        SpectraError: missing file, not JSON, or not a spectra analysis.
+        SpectraError: missing file, not a regular file, not JSON, or not a spectra analysis.
     """
     shown = printable(str(path))
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
-            raise SpectraError(f"{shown}: not a regular file; give the analysis JSON written by `spectra rank --json`")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpectraError(f"{shown}: no such file; write one with `spectra rank BASE TUNED --json {shown}`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = "nested too deeply" if isinstance(exc, RecursionError) else printable(str(exc))
-        raise SpectraError(f"{shown}: not a readable JSON file ({why})") from None
+    data = read_json(path, f"write one with `spectra rank BASE TUNED --json {shown}`")
     try:
         return analysis_from_dict(data)
     except SpectraError as exc:
         raise SpectraError(f"{shown}: {printable(str(exc))}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise SpectraError(f"{shown}: damaged spectra analysis ({type(exc).__name__}: {printable(str(exc))})") from None
+
+
+def read_json(path: str | Path, hint: str) -> Any:
+    """The JSON document in the regular file `path` (a FIFO would block, a device never end).
+
+    Raises:
+        SpectraError: missing (with `hint`), not a regular file, unreadable, not UTF-8 JSON, or nested too deeply.
+    """
+    shown = printable(str(path))
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SpectraError(f"{shown}: not a regular file; give a JSON file written by spectra")
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpectraError(f"{shown}: no such file; {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else printable(str(exc))
+        raise SpectraError(f"{shown}: not a readable JSON file ({why})") from None
 
 
 def _json_name(f: dataclasses.Field[Any]) -> str:
@@ -94,8 +129,8 @@ def _json_name(f: dataclasses.Field[Any]) -> str:
 def _encode(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {_json_name(f): _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, np.ndarray):
-        return [float(x) for x in value.tolist()]
+    if isinstance(value, np.ndarray):  # any number of axes; NaN (a cell with no value) is saved as null
+        return _floats(value.tolist())
     if isinstance(value, dict):
         return {str(k): _encode(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -109,6 +144,12 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _floats(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return None if math.isnan(value) else float(value)
+
+
 def _decode(hint: Any, value: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
@@ -119,7 +160,7 @@ def _decode(hint: Any, value: Any) -> Any:
         hints = typing.get_type_hints(hint)
         fields = {_json_name(f): f.name for f in dataclasses.fields(hint)}
         return hint(**{fields[k]: _decode(hints[fields[k]], v) for k, v in value.items() if k in fields})
-    if hint is np.ndarray:
+    if hint is np.ndarray:  # null -> NaN
         return np.asarray(value, dtype=np.float64)
     if origin is tuple:
         item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
@@ -129,3 +170,59 @@ def _decode(hint: Any, value: Any) -> Any:
     if hint in (int, float, str, bool):
         return hint(value)
     return value
+
+
+# Every saved record type: format string -> decoder. `spectra.analysis/1` is defined here; modules defining other
+# record types register theirs on import (spectra/__init__.py imports them), so `load_record` reads all of them.
+_DECODERS: dict[str, Decoder] = {FORMAT: analysis_from_dict}
+
+
+def register_format(fmt: str, decode: Decoder) -> None:
+    """Make `load_record` read records whose "format" is `fmt` with `decode` (a dict -> record function)."""
+    _DECODERS[fmt] = decode
+
+
+def record_to_dict(record: object, fmt: str) -> dict[str, Any]:
+    """The JSON-ready dict of any frozen record: {"format": fmt, field: value, ...} (arrays as nested lists)."""
+    body = _encode(record)
+    assert isinstance(body, dict)
+    return {"format": fmt, **body}
+
+
+def record_from_dict(cls: type[T], data: Any, fmt: str) -> T:
+    """Rebuild a record of type `cls` from `record_to_dict(record, fmt)` output (unknown keys are ignored).
+
+    Raises:
+        SpectraError: `data` is not a record of format `fmt`.
+    """
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise SpectraError(f"not a {fmt} record (format {found!r})")
+    decoded = _decode(cls, {k: v for k, v in data.items() if k != "format"})
+    assert isinstance(decoded, cls)
+    return decoded
+
+
+def write_record(record: object, fmt: str, path: str | Path) -> Path:
+    """Write `record` as JSON of format `fmt` to `path` atomically; return the path."""
+    return write_atomic(Path(path), json.dumps(record_to_dict(record, fmt), indent=1, allow_nan=False))
+
+
+def load_record(path: str | Path) -> object:
+    """Read any saved spectra record (an analysis, a comparison, a trajectory, ...), dispatching on its "format".
+
+    Raises:
+        SpectraError: missing file, not JSON, an unknown format, or a damaged record.
+    """
+    data = read_json(path, "write one with `spectra rank|compare|trajectory … --json`")
+    fmt = data.get("format") if isinstance(data, dict) else None
+    decode = _DECODERS.get(fmt) if isinstance(fmt, str) else None
+    if decode is None:
+        known = ", ".join(sorted(_DECODERS))
+        raise SpectraError(f"{path}: not a spectra analysis or other spectra record (format {fmt!r}; known: {known})")
+    try:
+        return decode(data)
+    except SpectraError as exc:
+        raise SpectraError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise SpectraError(f"{path}: damaged {fmt} record ({type(exc).__name__}: {exc})") from None
