@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console, Group, RenderableType
@@ -15,7 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 import spectra
-from spectra import ExtractResult, Options, RankRule
+from spectra import Options, RankRule
+
+if TYPE_CHECKING:
+    from spectra import ExtractResult
 
 from ..console import progress, user_errors, wrote
 from ..flags import options_flags
