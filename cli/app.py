@@ -24,7 +24,6 @@ from spectra import (
     save_analysis,
     write_adapter_config,
 )
-from spectra.lora.recommend import DEFAULT_RULE
 
 from . import display
 from .console import err, out, progress, setup_logging, user_errors, wrote
@@ -117,7 +116,9 @@ def recommend(
     include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
     task_type: Annotated[str, typer.Option(help="PEFT task_type in the config ('none': a bare model)")] = "CAUSAL_LM",
-    rule: Annotated[str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")] = DEFAULT_RULE,
+    rule: Annotated[
+        str | None, typer.Option(help="rank rule: stable (default), gd, mp, energy (reconstructs ΔW)")
+    ] = None,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
@@ -129,7 +130,7 @@ def recommend(
             include_embeddings=include_embeddings,
             base_model=base_model,
             task_type=None if task_type.lower() == "none" else task_type,
-            rule=rule,
+            **({"rule": rule} if rule is not None else {}),
         )
         rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
         if rec is None:
