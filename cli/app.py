@@ -16,21 +16,24 @@ import spectra
 from spectra import (
     Analysis,
     Options,
+    OptionsError,
     ProgressHook,
     RecommendSettings,
     SpectraError,
-    analyze,
     load_analysis,
     save_analysis,
     write_adapter_config,
 )
 
 from . import display
-from .console import err, out, progress, setup_logging, user_errors, wrote
+from .commands import compare as compare_command
+from .commands import trajectory as trajectory_command
+from .commands.extract import extract as extract_command
+from .commands.resize import resize as resize_command
+from .console import progress, say, setup_logging, stdout, user_errors, wrote
 from .flags import Verbose, options_flags
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
@@ -41,13 +44,16 @@ app = typer.Typer(
 CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
 Checkpoint = Annotated[str, typer.Argument(help=escape(CHECKPOINT_HELP))]  # escape: [@revision] is not markup
 Tuned = Annotated[
-    str | None,
+    list[str] | None,
     typer.Argument(
         help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
-        "with one argument, that argument is an adapter analysed alone"
+        "with one argument, that argument is an adapter analysed alone; several: analysed side by side",
+        show_default=False,
     ),
 ]
 AnalysisJson = Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")]
+FORMATS = ("table", "markdown", "tsv")
+STDOUT = Path("-")
 
 
 def show_version(value: bool) -> None:
@@ -58,9 +64,30 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=show_version, is_eager=True, help="print the version")
+    ] = False,
 ) -> None:
     """Spectral analysis of fine-tunes: how much rank did ΔW = W_tuned − W_base really learn?"""
+
+
+JsonOut = Annotated[
+    Path | None, typer.Option("--json", help="write the full analysis (spectra included) to FILE, or - for stdout")
+]
+SummaryJsonOut = Annotated[
+    Path | None,
+    typer.Option("--summary-json", help="write a compact JSON (no singular values) to FILE, or - for stdout"),
+]
+Format = Annotated[str, typer.Option("--format", help="table | markdown | tsv (per-matrix rows, full keys)")]
+Summary = Annotated[bool, typer.Option("--summary", "-q", help="print the per-kind summary and recommendation only")]
+PerMatrix = Annotated[
+    bool | None,
+    typer.Option(
+        "--per-matrix/--no-per-matrix",
+        help=f"print one row per matrix (default: when there are at most {display.PER_MATRIX_MAX})",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -68,27 +95,51 @@ def root(
 def rank(
     base: Checkpoint,
     tuned: Tuned = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="write the full analysis (spectra included)")] = None,
+    json_path: JsonOut = None,
+    summary_json: SummaryJsonOut = None,
     html: Annotated[Path | None, typer.Option(help="write a self-contained HTML report")] = None,
-    tsv: Annotated[bool, typer.Option(help="print per-matrix rows as TSV instead of tables")] = False,
+    fmt: Format = "table",
+    tsv: Annotated[bool, typer.Option(help="the same as --format tsv")] = False,
+    summary: Summary = False,
+    per_matrix: PerMatrix = None,
+    label: compare_command.Labels = None,
     *,
     options: Options,
 ) -> None:
     """Print, per matrix, the rank that explains THRESHOLD of ΔW = TUNED − BASE's energy, with the measures around it.
 
-    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
+    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors; `spectra rank BASE
+    T1 T2 …` analyses several fine-tunes of one base side by side (--label names them).
     """
+    if tuned and len(tuned) > 1:
+        return compare_command.rank_side_by_side(base, tuned, label, json_path, html, tsv, options)
     with user_errors():
-        base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
-        analysis = analyze(base_path, tuned_path, options, progress=progress("spectra"))
-        if json_path is not None:
+        fmt = "tsv" if tsv else fmt.lower()
+        if fmt not in FORMATS:
+            raise OptionsError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if json_path == STDOUT and summary_json == STDOUT:
+            raise OptionsError("--json - and --summary-json - would both write to stdout; give one a FILE")
+        base_path, tuned_path = (base, tuned[0]) if tuned else (None, base)
+        say(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
+        analysis = spectra.analyze(base_path, tuned_path, options, progress=progress("ΔW spectra"))
+        if json_path is not None and json_path != STDOUT:
             wrote(save_analysis(analysis, json_path))
+        if summary_json is not None and summary_json != STDOUT:
+            wrote(spectra.save_summary(analysis, summary_json))
         if html is not None:
             write_html(analysis, html)
-    if tsv:
+    if STDOUT in (json_path, summary_json):  # stdout holds the JSON alone
+        typer.echo(spectra.to_json(analysis, summary=summary_json == STDOUT), nl=False)
+    elif fmt == "tsv":
         typer.echo(display.layer_tsv(analysis.layers, options.lora_ranks))
+    elif fmt == "markdown":
+        typer.echo(display.markdown_report(analysis, per_matrix=per_matrix, summary_only=summary), nl=False)
     else:
-        out.print(display.rank_report(analysis))
+        out = stdout()
+        if summary:
+            out.print(display.summary_report(analysis, out.width))
+        else:
+            out.print(display.rank_report(analysis, out.width, per_matrix=per_matrix))
 
 
 def write_html(analysis: Analysis, path: Path) -> None:
@@ -100,9 +151,16 @@ def report(
     analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
+    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory (no SVD is
+    recomputed)."""
     with user_errors():
-        write_html(load_analysis(analysis_json), output)
+        wrote(spectra.write_record_report(spectra.load_record(analysis_json), output))
+
+
+TASK_TYPE_HELP = (
+    "PEFT task_type in the config: auto (from the base's config.json, none when it says nothing), none (a bare "
+    "model, any architecture) or CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION"
+)
 
 
 @app.command()
@@ -115,29 +173,41 @@ def recommend(
     rslora: Annotated[bool, typer.Option(help="use rsLoRA scaling (α/√r) with α matched to the same scale")] = False,
     include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
-    task_type: Annotated[str, typer.Option(help="PEFT task_type in the config ('none': a bare model)")] = "CAUSAL_LM",
+    task_type: Annotated[str, typer.Option(help=TASK_TYPE_HELP)] = "auto",
+    variant: Annotated[
+        str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
+    ] = "per-module",
     rule: Annotated[
         str | None, typer.Option(help="rank rule: stable (default), gd, mp, energy (reconstructs ΔW)")
     ] = None,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
+        analysis = load_analysis(analysis_json)
+        task = {"auto": analysis.task_type, "none": None}.get(task_type.lower(), task_type)
         settings = RecommendSettings(
             target=target,
             max_rank=max_rank,
             budget=budget,
             rslora=rslora,
             include_embeddings=include_embeddings,
-            base_model=base_model,
-            task_type=None if task_type.lower() == "none" else task_type,
+            base_model=base_model or analysis.base_model_name,
+            task_type=task,
+            variant=variant,
             **({"rule": rule} if rule is not None else {}),
         )
-        rec = spectra.recommend(load_analysis(analysis_json).layers, settings)
+        rec = spectra.recommend(analysis.layers, settings)
         if rec is None:
             raise SpectraError(f"{analysis_json}: no analysed matrices to recommend a LoRA for")
-        if output is not None:
-            wrote(write_adapter_config(rec, output))
-    out.print(display.recommendation_view(rec))
+        written_to = None if output is None else write_adapter_config(rec, output)
+        if written_to is not None:
+            wrote(f"{written_to} ({display.written_variant(rec)})")
+    out = stdout()
+    out.print(display.recommendation_view(rec, out.width, written=None if written_to is None else str(written_to)))
+
+
+app.command("extract")(extract_command)
+app.command("resize")(resize_command)
 
 
 class DemoApp(Protocol):
@@ -167,7 +237,7 @@ def demo_app() -> DemoApp:
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML report goes")] = Path("reports"),
+    out_dir: Annotated[Path, typer.Option("--out", help="where the HTML report goes")] = Path("spectra-demo"),
     fresh: Annotated[bool, typer.Option(help="retrain instead of reusing cached fine-tunes")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for training (one is often fastest on 2 cores)")] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps per fine-tune")] = 40,
@@ -181,10 +251,14 @@ def demo(
             fresh=fresh,
             threads=threads,
             steps=steps,
-            echo=lambda line: err.print(escape(line)),
+            echo=say,
             progress=progress("working"),
         )
-    out.print(summary)
+    stdout().print(summary)
+
+
+compare_command.register(app)
+trajectory_command.register(app)
 
 
 def main() -> None:

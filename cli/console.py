@@ -1,29 +1,42 @@
 """The terminal plumbing every command shares: results to stdout, progress, logs and errors to stderr, and the
-mapping of problems the user can fix onto one line and an exit code (1 inputs, 2 settings, 130 interrupted)."""
+mapping of problems the user can fix onto one line and an exit code (1 inputs, 2 settings, 130 interrupted).
+
+Consoles are made per call, so the width is the terminal's (or $COLUMNS) at the time a command prints.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
-from functools import partial
-from typing import NoReturn, cast
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import track
 
-from spectra import OptionsError, ProgressHook, SpectraError
+from spectra import OptionsError, ProgressHook, SpectraError, printable
 
-out, err = Console(), Console(stderr=True, soft_wrap=True)  # messages never wrap mid-path
-if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
-    out = Console(width=130)
+PIPE_WIDTH = 130  # tables written to a pipe or file without $COLUMNS: wide enough to keep every column
+
+
+def stdout() -> Console:
+    """Results. On a terminal: its width. Piped: $COLUMNS or PIPE_WIDTH for tables, and prose is never hard-wrapped."""
+    console = Console(highlight=False)
+    if console.is_terminal:
+        return console
+    width = os.environ.get("COLUMNS", "")
+    return Console(highlight=False, soft_wrap=True, width=int(width) if width.isdigit() else PIPE_WIDTH)
+
+
+def stderr() -> Console:
+    """Messages, progress and errors; long lines are never wrapped mid-path."""
+    return Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    stderr().print(f"[red]error:[/red] {escape(printable(message))}")
     raise typer.Exit(code=code)
 
 
@@ -42,15 +55,50 @@ def user_errors() -> Iterator[None]:
 
 def setup_logging(verbose: bool) -> None:
     if verbose:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=err)])
+        from rich.logging import RichHandler
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=stderr())])
 
 
-def progress(description: str) -> ProgressHook:
-    """A progress bar on stderr (a terminal only: logs stay clean), in the shape of the library's progress hook."""
-    if not err.is_terminal:
+def say(message: str) -> None:
+    """One line on stderr (not markup: paths and keys are printed as they are)."""
+    stderr().print(escape(printable(message)))
+
+
+def _item_name(item: Any) -> str:
+    """The matrix a progress item is about: a record with a name, or a (job, result) pair."""
+    if isinstance(item, tuple) and item:
+        item = item[0]
+    return printable(str(getattr(item, "name", "")))
+
+
+def progress(description: str, unit: str = "matrices") -> ProgressHook:
+    """A progress bar on stderr showing `n/N matrices` and the matrix just done (a terminal only: logs stay clean),
+    in the shape of the library's progress hook."""
+    console = stderr()
+    if not console.is_terminal:
         return lambda items: items
-    return cast(ProgressHook, partial(track, description=description, console=err, transient=True))
+
+    def hook(items: Iterable[Any]) -> Iterator[Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        total = len(items) if isinstance(items, Sized) else None
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[current]}", style="dim"),
+        )
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total, current="")
+            for item in items:
+                bar.update(task, advance=1, current=_item_name(item)[-60:])
+                yield item
+
+    return hook
 
 
 def wrote(path: object) -> None:
-    err.print(f"wrote {escape(str(path))}")
+    say(f"wrote {path}")

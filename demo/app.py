@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,8 @@ class DemoSettings:
     Validated on construction (the recipe validates itself).
 
     Attributes:
-        out_dir: folder for demo_report.html; created if missing.
+        out_dir: folder for demo_report.html (default ./spectra-demo, outside the repository's tracked files);
+            created if missing.
         recipe: what training depends on (steps, batch size, seed, held-out pairs, learning rates, LoRA r): the
             cache key.
         threads: torch intra-op CPU threads for training and analysis (on a busy 2-core machine 1 is fastest).
@@ -48,7 +49,7 @@ class DemoSettings:
         cache_dir: where trained checkpoints are cached; None uses `default_cache_dir()`.
     """
 
-    out_dir: Path = Path("reports")
+    out_dir: Path = Path("spectra-demo")
     recipe: Recipe = field(default_factory=Recipe)
     threads: int = 1
     fresh: bool = False
@@ -175,8 +176,12 @@ def run_demo(
         echo(f"analysing base → LoRA r={s.lora_r} (merged)")
         lora = analyze(str(base), str(trained.lora_merged), options, progress=progress)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    base_label = "all-MiniLM-L6-v2/model.safetensors"  # the report names no folder of this machine
     report = write_comparison_report(
-        [("full fine-tune", full), (f"LoRA r={s.lora_r}", lora)],
+        [
+            ("full fine-tune", _relabelled(full, base_label, "full-fine-tune/model.safetensors")),
+            (f"LoRA r={s.lora_r}", _relabelled(lora, base_label, f"lora-r{s.lora_r}-merged/model.safetensors")),
+        ],
         settings.out_dir / REPORT_NAME,
         title=f"spectra demo: full fine-tune vs LoRA r={s.lora_r} on all-MiniLM-L6-v2",
         intro=_intro(trained, s),
@@ -200,6 +205,13 @@ def run_demo(
     if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (demo_summary)
         log.warning("a merged LoRA ΔW has numerical rank %d > r=%d", result.lora_max_rank, s.lora_r)
     return result
+
+
+def _relabelled(analysis: Analysis, base: str, tuned: str) -> Analysis:
+    """The analysis with portable names for its inputs (the cache and site-packages paths stay out of the report)."""
+    base_info = analysis.base_info and replace(analysis.base_info, path=base)
+    tuned_info = replace(analysis.tuned_info, path=tuned)
+    return replace(analysis, base=base, tuned=tuned, base_info=base_info, tuned_info=tuned_info)
 
 
 def command(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
@@ -16,7 +17,13 @@ if TYPE_CHECKING:
 def demo_summary(result: DemoResult) -> RenderableType:
     """The demo's headline: median rank per module kind for the full fine-tune vs the LoRA, and where the report is."""
     threshold = result.full_analysis.options.threshold
-    table = Table(title=f"median rank@{threshold:g} of ΔW per module kind", title_justify="left")
+    table = Table(
+        title=f"median rank@{threshold:g} of ΔW per module kind",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,  # the same look as `spectra rank`'s tables
+        show_edge=False,
+        pad_edge=False,
+    )
     table.add_column("module kind")
     table.add_column("full fine-tune", justify="right")
     table.add_column(f"LoRA r={result.lora_r}", justify="right")

@@ -2,7 +2,8 @@
 
     python examples/make_pair.py OUT_DIR [--layers 4] [--hidden 256] [--dtype bf16]
 
-OUT_DIR/base.safetensors and OUT_DIR/tuned.safetensors. Each ΔW = U diag(s) Vᵀ with a spectrum chosen per
+OUT_DIR/base.safetensors and OUT_DIR/tuned.safetensors, and a config.json naming the planted model (a Llama
+architecture, so `spectra recommend` writes task_type CAUSAL_LM). Each ΔW = U diag(s) Vᵀ with a spectrum chosen per
 module kind, so the energy rank is known before spectra runs:
   q_proj, k_proj: exact rank 8 (equal σ)      v_proj, o_proj: geometric σ_i = 0.9^i
   gate_proj, up_proj: power law σ_i = i^-0.6   down_proj: a step of 32 directions over a flat floor (1% each)
@@ -12,6 +13,7 @@ module kind, so the energy rank is known before spectra runs:
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,9 @@ def make_pair(out: Path, layers: int, hidden: int, dtype: str, seed: int = 0) ->
     cast = DTYPES[dtype]
     for label, tensors in (("base", base), ("tuned", tuned)):
         save_file({k: v.to(cast).contiguous() for k, v in tensors.items()}, out / f"{label}.safetensors")
+    config = {"_name_or_path": f"planted-llama-{layers}x{hidden}", "architectures": ["LlamaForCausalLM"]}
+    config |= {"model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out / "base.safetensors", out / "tuned.safetensors"
 
 

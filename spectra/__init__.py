@@ -1,22 +1,40 @@
 """spectra: how much rank did a fine-tune learn? Singular spectra of ΔW = W_tuned − W_base, and LoRA advice.
 
->>> from spectra import analyze, Options
->>> analysis = analyze("base.safetensors", "tuned.safetensors", Options(threshold=0.9))
->>> analysis.layers[0].rank
+>>> import spectra
+>>> analysis = spectra.analyze("base.safetensors", "tuned.safetensors", threshold=0.9)
+>>> analysis                                   # counts, medians and the recommendation; a table in Jupyter
+>>> analysis.to_pandas()                       # one row per matrix (needs the `spectra-lm[pandas]` extra)
 
-The HTML report writers (`write_report`, `write_comparison_report`) are imported on first use, so `import spectra`
-loads no matplotlib or jinja2.
+`import spectra` is light: it loads numpy but not torch, matplotlib or jinja2. The parts that touch tensors
+(`analyze`) and the HTML report writers are imported on first use (PEP 562 module __getattr__).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from spectra.compare.records import (
+    CompareSettings,
+    Comparison,
+    Intruders,
+    KindComparison,
+    MatrixComparison,
+    PointMatrix,
+    SideBySide,
+    StepSimilarity,
+    Trajectory,
+    TrajectoryPoint,
+    TrajectorySettings,
+    save_record,
+)
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
-from spectra.io.store import load_analysis, save_analysis
+from spectra.io.store import load_analysis, load_record, save_analysis, save_summary, to_json
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
-from spectra.pipeline import ProgressHook, analyze, analyze_many, version
+from spectra.lora.usage import KindUse, RankUse, kind_use, rank_use, use_sentences
+from spectra.names import printable
 from spectra.records import (
     Analysis,
     CheckpointInfo,
@@ -31,11 +49,43 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
+    from spectra.compare.run import compare_finetunes
+    from spectra.compare.side_by_side import analyze_side_by_side
+    from spectra.lora.extract import extract
+    from spectra.lora.resize import resize
+    from spectra.lora.rules import RankRule
+    from spectra.lora.split import ExtractResult, ModuleResult, extraction_json, save_extraction
+    from spectra.pipeline import analyze, analyze_many
+    from spectra.report.compare import write_record_report
     from spectra.report.html import write_comparison_report, write_report
+    from spectra.trajectory import analyze_trajectory, checkpoint_list
 
-__version__ = version()
+try:
+    __version__ = metadata.version("spectra-lm")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
-_LAZY = {"write_report": "spectra.report.html", "write_comparison_report": "spectra.report.html"}
+ProgressHook = Callable[[Iterable[Any]], Iterable[Any]]  # == spectra.pipeline.ProgressHook, without loading torch
+
+# name -> module that defines it, imported when the name is first used: torch loads with `analyze` only
+_LAZY = {
+    "analyze": "spectra.pipeline",
+    "analyze_many": "spectra.pipeline",
+    "write_report": "spectra.report.html",
+    "write_comparison_report": "spectra.report.html",
+    "extract": "spectra.lora.extract",
+    "resize": "spectra.lora.resize",
+    "RankRule": "spectra.lora.rules",
+    "ExtractResult": "spectra.lora.split",
+    "ModuleResult": "spectra.lora.split",
+    "save_extraction": "spectra.lora.split",
+    "extraction_json": "spectra.lora.split",
+    "write_record_report": "spectra.report.compare",
+    "compare_finetunes": "spectra.compare.run",
+    "analyze_side_by_side": "spectra.compare.side_by_side",
+    "analyze_trajectory": "spectra.trajectory",
+    "checkpoint_list": "spectra.trajectory",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -47,30 +97,67 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'spectra' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "Analysis",
     "CheckpointError",
     "CheckpointInfo",
+    "CompareSettings",
+    "Comparison",
+    "ExtractResult",
     "GroupSummary",
+    "Intruders",
+    "KindComparison",
+    "KindUse",
     "LayerMetrics",
+    "MatrixComparison",
     "MismatchError",
+    "ModuleResult",
     "Options",
     "OptionsError",
+    "PointMatrix",
     "ProgressHook",
     "RankOption",
+    "RankRule",
+    "RankUse",
     "RecommendSettings",
     "Recommendation",
+    "SideBySide",
     "Skipped",
     "SpectraError",
     "Spectrum",
+    "StepSimilarity",
     "Summary",
+    "Trajectory",
+    "TrajectoryPoint",
+    "TrajectorySettings",
     "__version__",
     "analyze",
     "analyze_many",
+    "analyze_side_by_side",
+    "analyze_trajectory",
+    "checkpoint_list",
+    "compare_finetunes",
+    "extract",
+    "extraction_json",
+    "kind_use",
     "load_analysis",
+    "load_record",
+    "printable",
+    "rank_use",
     "recommend",
+    "resize",
     "save_analysis",
+    "save_extraction",
+    "save_record",
+    "save_summary",
+    "to_json",
+    "use_sentences",
     "write_adapter_config",
     "write_comparison_report",
+    "write_record_report",
     "write_report",
 ]

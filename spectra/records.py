@@ -6,7 +6,8 @@ Records after the spectrum stage hold CPU float64 numpy only, so metrics, recomm
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from html import escape
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,11 +15,16 @@ import numpy as np
 from spectra.errors import OptionsError
 
 if TYPE_CHECKING:
+    import pandas as pd  # type: ignore[import-untyped, unused-ignore]
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")
+DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")  # an entry of Options.devices
 PRECISIONS = ("fast", "exact")
 DEFAULT_LORA_RANKS = (8, 16, 64, 256)
+BASE_QUANTIZATIONS = ("nf4", "fp4", "int8")  # bitsandbytes' 4-bit (QLoRA) data types and LLM.int8() weights
+QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,18 @@ class Options:
         batch_bytes: memory budget for one batch of stacked ΔW; None derives it from the device.
         threads: cap on intra-op CPU threads; None leaves torch's default.
         download: allow huggingface_hub to download a hub id missing from the local cache.
+        devices: local executor only: the devices to run on, one worker each, e.g. ("cuda:0", "cuda:1"); None: every
+            visible GPU (when `device` resolves to CUDA), else the CPU.
+        executor: "local" (this process) or "ray" (Ray actors, one per GPU or CPU worker). "ray:ADDRESS" and
+            "ray://HOST:PORT" are accepted and set `ray_address`.
+        ray_address: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None with executor "ray":
+            start a local Ray. Setting it implies executor "ray".
+        base_quantization: "nf4", "fp4" or "int8": form ΔW against dequant(quant(W_base)) computed with
+            bitsandbytes, for the linear weights a QLoRA run quantises (a merged QLoRA model); None: W_base as stored.
+        quant_block_size: elements per absmax block of the 4-bit types (bitsandbytes' default, 64, is what
+            transformers' BitsAndBytesConfig uses); int8 quantises row-wise and ignores it.
+        double_quant: the 4-bit absmax values were quantised again (QLoRA's double quantisation,
+            bnb_4bit_use_double_quant=True); int8 ignores it.
     """
 
     threshold: float = 0.9
@@ -45,6 +63,12 @@ class Options:
     batch_bytes: int | None = None
     threads: int | None = None
     download: bool = False
+    devices: tuple[str, ...] | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    base_quantization: str | None = None
+    quant_block_size: int = 64
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.threshold <= 1.0):  # also rejects NaN
@@ -66,6 +90,40 @@ class Options:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be at least 1, got {self.threads}")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """Validate devices, executor and ray_address; "ray:ADDRESS" becomes executor "ray" with that address."""
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+            bad = [d for d in self.devices if not isinstance(d, str) or not DEVICE_NAME.fullmatch(d)]
+            if bad or not self.devices or len(set(self.devices)) < len(self.devices):
+                given = ",".join(map(str, self.devices))
+                raise OptionsError(f"devices must be distinct names like cuda:0,cuda:1 (or cpu), got {given!r}")
+        executor, address = self.executor, self.ray_address
+        if isinstance(executor, str) and executor.startswith("ray:"):
+            given = executor if executor.startswith("ray://") else executor.removeprefix("ray:")
+            if address is not None and address != given:
+                raise OptionsError(f"executor {executor!r} and ray_address {address!r} name different Ray clusters")
+            executor, address = "ray", given
+        if address is not None:
+            if not isinstance(address, str) or not address.strip():
+                raise OptionsError(f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+            if executor == "local":
+                executor = "ray"  # --ray-address alone asks for Ray
+        if executor not in EXECUTORS:
+            raise OptionsError(f"executor must be local, ray, ray:ADDRESS or ray://HOST:PORT, got {self.executor!r}")
+        if executor == "ray" and self.devices is not None:
+            raise OptionsError("devices apply to the local executor; on Ray each actor takes one GPU (or CPU worker)")
+        object.__setattr__(self, "executor", executor)
+        object.__setattr__(self, "ray_address", address)
+        if self.base_quantization is not None and self.base_quantization not in BASE_QUANTIZATIONS:
+            raise OptionsError(
+                f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, got {self.base_quantization!r}"
+            )
+        if isinstance(self.quant_block_size, bool) or self.quant_block_size not in QUANT_BLOCK_SIZES:
+            sizes = ", ".join(map(str, QUANT_BLOCK_SIZES))
+            raise OptionsError(f"quant_block_size must be one of {sizes} (bitsandbytes), got {self.quant_block_size!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +133,23 @@ class Resources:
     Attributes:
         device: a resolved torch device name: "cpu", "cuda", "cuda:1" (never "auto").
         threads: cap on intra-op CPU threads (also the number of CPU workers); None leaves torch's default.
-        batch_bytes: bytes of matrices (and their results) in flight; None derives it from the device.
+        batch_bytes: bytes of matrices (and their results) in flight per device; None derives it from each device.
+        devices: several devices, one worker each (the local executor spreads jobs over them, largest first), e.g.
+            ("cuda:0", "cuda:1"); `device` is then devices[0]. (): `device` alone.
     """
 
     device: str = "cpu"
     threads: int | None = None
     batch_bytes: int | None = None
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.device == "auto" or not self.device:
-            raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {self.device!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if self.devices:
+            object.__setattr__(self, "device", self.devices[0])
+        for device in (self.device, *self.devices):
+            if device == "auto" or not device:
+                raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {device!r}")
         if self.batch_bytes is not None and self.batch_bytes < 1:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:
@@ -92,14 +157,28 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What a model says about itself beside its weights: config.json of a Hugging Face model (or the `config` of an
+    in-memory one), or adapter_config.json of a PEFT adapter (its base model and task). None where it says nothing.
+    """
+
+    name_or_path: str | None = None  # config.json "_name_or_path"; an adapter's "base_model_name_or_path"
+    model_type: str | None = None  # e.g. "llama", "bert", "t5"
+    architectures: tuple[str, ...] = ()  # e.g. ("LlamaForCausalLM",)
+    is_encoder_decoder: bool | None = None
+    task_type: str | None = None  # PEFT task type: an adapter's own, or inferred from `architectures`
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointInfo:
     """What an input checkpoint is, without its tensors."""
 
-    path: str  # as the user gave it
-    format: str  # "safetensors", "folder", "sharded", "peft-adapter"
+    path: str  # as the user gave it ("<in-memory ...>" for a module or state dict)
+    format: str  # "safetensors", "folder", "sharded", "peft-adapter", "module", "state-dict", "peft-model"
     n_tensors: int
-    n_bytes: int  # bytes of tensor data on disk
+    n_bytes: int  # bytes of tensor data on disk (in memory for in-memory inputs)
     dtypes: tuple[str, ...]  # storage dtypes seen, e.g. ("bf16",)
+    model: ModelConfig | None = None  # the config beside the weights, when there is one
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +188,16 @@ class Skipped:
     name: str  # checkpoint key, verbatim (tuned side when it exists)
     reason: str  # a key of spectra.names.SKIP_REASONS
     detail: str = ""  # human detail, e.g. "base (32000, 64) vs tuned (32008, 64)"
+
+
+@dataclass(frozen=True, slots=True)
+class QuantProbe:
+    """Whether ΔW carries the quantisation error E = dequant(quant(W_base)) − W_base of one bitsandbytes type, as a
+    ΔW between a merged QLoRA model and its 16-bit base does; measured on a sample of W_base's blocks."""
+
+    kind: str  # the best-matching type among BASE_QUANTIZATIONS (4-bit at block size 64)
+    coefficient: float  # ⟨ΔW, E⟩ / ‖E‖² on the sample: ≈ 1 when ΔW holds E whole, ≈ 0 when unrelated
+    energy: float  # ‖E‖_F² estimated for the whole matrix (the sample's, scaled by the element count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +215,7 @@ class Delta:
     base_norm: float | None  # ‖W_base‖_F, None when no base was given
     dtype: str  # storage dtype of the tuned tensor, e.g. "bf16"
     noise_energy: float  # expected ‖rounding noise‖_F² that storing W_tuned in `dtype` adds to ΔW
+    quant: QuantProbe | None = None  # the base-quantisation probe of a linear weight; None: not probed
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +224,13 @@ class Spectrum:
 
     name: str
     shape: tuple[int, int]
-    s: np.ndarray = field(compare=False)  # float64, descending
+    s: np.ndarray = field(compare=False, repr=False)  # float64, descending
     energy: float  # ‖ΔW‖_F², computed directly from ΔW, not from s
     base_norm: float | None
     dtype: str
     noise_energy: float
     method: str  # how s was computed: "svd-f64", "gram-f32", "gram-f64", "factored-f64"
+    quant: QuantProbe | None = None  # Delta.quant, passed through
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +243,9 @@ class Factors:
 
     name: str
     shape: tuple[int, int]  # (m, n)
-    u: np.ndarray = field(compare=False)  # (m, r) orthonormal columns: left singular vectors
-    s: np.ndarray = field(compare=False)  # (r,) descending, > 0
-    vt: np.ndarray = field(compare=False)  # (r, n) orthonormal rows: right singular vectors
+    u: np.ndarray = field(compare=False, repr=False)  # (m, r) orthonormal columns: left singular vectors
+    s: np.ndarray = field(compare=False, repr=False)  # (r,) descending, > 0
+    vt: np.ndarray = field(compare=False, repr=False)  # (r, n) orthonormal rows: right singular vectors
     energy: float  # ‖ΔW‖_F², computed directly from ΔW (or the factors' core), not from s
     base_norm: float | None
     dtype: str
@@ -184,7 +275,9 @@ class LayerMetrics:
     gd_rank: int  # Gavish–Donoho count of σ above the noise level
     dtype: str  # storage dtype of the tuned tensor
     method: str  # spectrum method, see Spectrum.method
-    s: np.ndarray = field(compare=False, metadata={"json": "singular_values"})
+    s: np.ndarray = field(compare=False, repr=False, metadata={"json": "singular_values"})
+    quant_error_fraction: float | None = None  # the base's quantisation error / ‖ΔW‖_F² (probe); None: not probed
+    quantized_base: str | None = None  # "nf4", "fp4", "int8": ΔW carries that quantisation error of W_base
     # Rank rules that separate signal from the noise bulk (spectra.analysis.baselines; defaults: older analyses)
     mp_rank: int = 0  # σ above the Marchenko–Pastur edge fitted to the median σ²
     mp_edge: float = 0.0  # that edge, in σ units: √(median σ²/μ_β)·(1 + √β)
@@ -193,6 +286,10 @@ class LayerMetrics:
     gd_captured: float = 0.0  # E(gd_rank)
     mp_captured: float = 0.0  # E(mp_rank)
     stable_captured: float = 0.0  # E(stable_rank_ceil)
+
+    def row(self) -> dict[str, Any]:
+        """The JSON's scalar fields, flat: shape as rows/cols, E(r) as captured_<r>, LoRA sizes as lora_params_<r>."""
+        return _flat(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +304,10 @@ class GroupSummary:
     captured: dict[int, float]  # energy-weighted: Σ_m Σ_{i≤r} σ² / Σ_m ‖ΔW_m‖_F²
     energy: float  # Σ_m ‖ΔW_m‖_F²
     n_noisy: int
+
+    def row(self) -> dict[str, Any]:
+        """The scalar fields, flat (E(r) as captured_<r>)."""
+        return _flat(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +346,7 @@ class Recommendation:
     reason: str  # one or two sentences, shown verbatim
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
     caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
+    variant: str = "per-module"  # which LoRA `config` holds: "per-module" (rank_pattern) or "uniform" (one r)
     rule: str = "energy"  # the rank rule behind it (spectra.analysis.baselines.RULES)
     not_low_rank: tuple[str, ...] = ()  # matrices whose asked-for rank reaches m·n/(m+n): fine-tune them fully
 
@@ -267,3 +369,98 @@ class Analysis:
     version: str
     created: str  # ISO 8601, UTC
     notes: tuple[str, ...] = ()  # what this analysis could not report, e.g. relative change without a base
+
+    @property
+    def task_type(self) -> str | None:
+        """The PEFT task type the inputs' configs give (the base's first; an adapter's own), None if neither says."""
+        return config_task_type(self.base_info, self.tuned_info)
+
+    @property
+    def base_model_name(self) -> str | None:
+        """The base model's name from its config.json (an adapter's base_model_name_or_path), None if unknown."""
+        for info in (self.base_info, self.tuned_info if self.base_info is None else None):
+            if info is not None and info.model is not None and info.model.name_or_path:
+                return info.model.name_or_path
+        return None
+
+    def __repr__(self) -> str:
+        """One line: what was compared, counts, median ranks and the recommendation (the full record is the JSON)."""
+        o, tau = self.summary.overall, f"{self.options.threshold:g}"
+        what = f"{self.tuned} − {self.base}" if self.base is not None else f"{self.tuned} (adapter)"
+        rec = self.recommendation
+        lora = f"LoRA r={rec.uniform_rank} ({rec.uniform_captured:.1%})" if rec else "no LoRA recommendation"
+        ref = 16 if 16 in o.captured else next(iter(o.captured), None)
+        e = f"E({ref}) {o.captured[ref]:.1%}; " if ref is not None else ""
+        return (
+            f"<Analysis {what}: {o.n} matrices, median rank@{tau} {o.median_rank:g} (max {o.max_rank}, "
+            f"{o.median_rank_ratio:.2f}× random); {e}{lora}; {len(self.skipped)} skipped>"
+        )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the headline numbers and the per-kind table."""
+        o, tau = self.summary.overall, f"{self.options.threshold * 100:g}%"
+        rec = self.recommendation
+        ranks = self.options.lora_ranks
+        cells = "".join(f"<th>E({r})</th>" for r in ranks)
+        rows = "".join(
+            f"<tr><td style='text-align:left'><code>{escape(g.key)}</code></td><td>{g.n}</td>"
+            f"<td>{g.median_rank:g}</td><td>{g.max_rank}</td><td>{g.median_rank_ratio:.2f}</td>"
+            + "".join(f"<td>{g.captured.get(r, float('nan')):.1%}</td>" for r in ranks)
+            + "</tr>"
+            for g in (*self.summary.kinds, o)
+        )
+        lora = f"LoRA r = {rec.uniform_rank} captures {rec.uniform_captured:.1%}" if rec else "no LoRA recommendation"
+        what = escape(f"{self.tuned} − {self.base}" if self.base is not None else f"{self.tuned} (adapter)")
+        return (
+            f"<div class='spectra-analysis'><p><strong>spectra</strong> {what}: <strong>{o.n}</strong> matrices, "
+            f"median rank@{tau} <strong>{o.median_rank:g}</strong> (max {o.max_rank}), "
+            f"<strong>{o.median_rank_ratio:.2f}</strong>× a random matrix; {escape(lora)}.</p>"
+            f"<table><thead><tr><th>module kind</th><th>matrices</th><th>median rank@{tau}</th><th>max</th>"
+            f"<th>rank / random</th>{cells}</tr></thead><tbody>{rows}</tbody></table></div>"
+        )
+
+    def to_pandas(self, by: str = "matrix") -> pd.DataFrame:
+        """The analysis as a pandas DataFrame (needs pandas: `pip install 'spectra-lm[pandas]'`).
+
+        Args:
+            by: "matrix": one row per analysed matrix, the JSON's scalar fields as columns (`LayerMetrics.row`);
+                "kind" or "layer": one row per module kind or block index (`GroupSummary.row`), "kind" ending in
+                the "all" row.
+
+        Raises:
+            ModuleNotFoundError: pandas is not installed.
+            ValueError: `by` is not "matrix", "kind" or "layer".
+        """
+        try:
+            import pandas
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                "Analysis.to_pandas needs pandas: pip install 'spectra-lm[pandas]' (or pip install pandas)"
+            ) from None
+        if by == "matrix":
+            return pandas.DataFrame([lm.row() for lm in self.layers])
+        if by in ("kind", "layer"):
+            groups = (*self.summary.kinds, self.summary.overall) if by == "kind" else self.summary.layers
+            return pandas.DataFrame([g.row() for g in groups])
+        raise ValueError(f"by must be 'matrix', 'kind' or 'layer', got {by!r}")
+
+
+def config_task_type(*infos: CheckpointInfo | None) -> str | None:
+    """The first PEFT task type among the inputs' configs, or None."""
+    return next((i.model.task_type for i in infos if i is not None and i.model is not None and i.model.task_type), None)
+
+
+def _flat(record: Any) -> dict[str, Any]:
+    """A record's fields as flat scalars: arrays left out, (m, n) shapes as rows/cols, dicts as <field>_<key>."""
+    row: dict[str, Any] = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, np.ndarray):
+            continue
+        if f.name == "shape":
+            row["rows"], row["cols"] = value
+        elif isinstance(value, dict):
+            row.update({f"{f.name}_{key}": v for key, v in value.items()})
+        else:
+            row[f.name] = value
+    return row

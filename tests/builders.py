@@ -117,3 +117,24 @@ def make_analysis(
 def empty_analysis() -> Analysis:
     """Nothing analysed: every tensor skipped."""
     return replace(make_analysis(), layers=(), summary=summarize([], ANALYSIS_OPTIONS.lora_ranks))
+
+
+def adapter_analysis(r: int = 12, n_layers: int = 2, kinds: Sequence[str] = KINDS) -> Analysis:
+    """An adapter analysed alone: every module has exactly `r` singular values (factored, ΔW = B·A), no base.
+
+    Planted as in `make_analysis`: matrix (layer i, kind j) has 4 + 3·j + 2·i equal σ within its r.
+    """
+    analysis = make_analysis(n_layers=n_layers, kinds=kinds, length=r, notes=())
+    layers = tuple(replace(lm, method="factored-f64", relative_change=None, noisy=False) for lm in analysis.layers)
+    info = CheckpointInfo(
+        path="adapter", format="peft-adapter", n_tensors=2 * len(layers), n_bytes=9_999, dtypes=("f32",)
+    )
+    return replace(
+        analysis,
+        base=None,
+        tuned="runs/my-adapter",
+        base_info=None,
+        tuned_info=info,
+        layers=layers,
+        summary=summarize(layers, ANALYSIS_OPTIONS.lora_ranks),
+    )

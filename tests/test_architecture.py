@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from builders import make_analysis
+from spectra import save_analysis
+
 ROOT = Path(__file__).resolve().parents[1]
 # each unit (a top-level module or a subpackage of spectra) may import only the units listed before it, and itself
 ORDER = [
@@ -147,18 +150,42 @@ def test_environment_writes_are_detected(tmp_path: Path) -> None:
 
 IMPORT_CHECK = """
 import sys
-heavy = ("typer", "rich", "matplotlib", "jinja2", "transformers", "peft", "spectra_cli", "spectra_demo")
+heavy = ("torch", "typer", "rich", "matplotlib", "jinja2", "transformers", "peft", "spectra_cli", "spectra_demo")
 import spectra
 print(sorted(m for m in heavy if m in sys.modules))
-print([n for n in spectra.__all__ if n not in ("write_report", "write_comparison_report") and not hasattr(spectra, n)])
+lazy = ("analyze", "analyze_many", "write_report", "write_comparison_report")
+print([n for n in spectra.__all__ if n not in lazy and not hasattr(spectra, n)])
+from typer.testing import CliRunner
 import spectra_cli.app
-print(sorted(m for m in ("matplotlib", "transformers", "peft", "spectra_demo") if m in sys.modules))
+version = CliRunner().invoke(spectra_cli.app.app, ["--version"])
+unloaded = ("torch", "matplotlib", "transformers", "peft", "spectra_demo")
+print(version.exit_code, sorted(m for m in unloaded if m in sys.modules))
 print(callable(spectra.write_report) and callable(spectra.write_comparison_report), "matplotlib" in sys.modules)
+print("torch" in sys.modules, callable(spectra.analyze), "torch" in sys.modules)
 """
 
 
 def test_imports_stay_light_and_lazy() -> None:
-    """`import spectra` loads no CLI, plotting, templating or PEFT stack; every name of __all__ exists, the report
-    writers on first use; the CLI module does not load the demo (its command imports it by name)."""
+    """`import spectra` loads no torch, CLI, plotting, templating or PEFT stack; `spectra --version` no torch either;
+    every name of __all__ exists, the report writers and `analyze` (torch) on first use; the CLI module does not
+    load the demo (its command imports it by name)."""
     out = subprocess.run([sys.executable, "-c", IMPORT_CHECK], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["[]", "[]", "[]", "True True"]
+    assert out.splitlines() == ["[]", "[]", "0 []", "True True", "False True True"]
+
+
+RECOMMEND_CHECK = """
+import sys
+from typer.testing import CliRunner
+from spectra_cli.app import app
+for args in (["recommend", sys.argv[1]], ["report", sys.argv[1], "-o", sys.argv[2]]):
+    result = CliRunner().invoke(app, args)
+    print(result.exit_code, "torch" in sys.modules)
+"""
+
+
+def test_report_and_recommend_load_no_torch(tmp_path: Path) -> None:
+    """`spectra report` and `spectra recommend` read a saved analysis: numpy records, no torch (start-up < 0.5 s)."""
+    saved = save_analysis(make_analysis(), tmp_path / "a.json")
+    cmd = [sys.executable, "-c", RECOMMEND_CHECK, str(saved), str(tmp_path / "r.html")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["0 False", "0 False"]

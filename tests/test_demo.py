@@ -135,7 +135,7 @@ def test_settings_are_validated() -> None:
         Recipe(steps=0)
     with pytest.raises(OptionsError, match="demo threads must be at least 1, got 0"):
         DemoSettings(threads=0)
-    assert DemoSettings().recipe == Recipe() and DemoSettings().out_dir == Path("reports")
+    assert DemoSettings().recipe == Recipe() and DemoSettings().out_dir == Path("spectra-demo")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("threads", 0), ("steps", 0)])
@@ -305,6 +305,8 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     first = run_demo(settings, echo=lines.append)
 
     assert not first.cached and first.report.is_file() and "full fine-tune" in first.report.read_text()
+    html = first.report.read_text()
+    assert str(tmp_path) not in html and "site-packages" not in html  # no folder of this machine in the report
     assert set(first.retrieval) == {"base", "full", "lora"} and all(0 <= v <= 1 for v in first.retrieval.values())
     with (
         safe_open(str(first.base), "pt") as b,

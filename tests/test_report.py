@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import replace
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from builders import KINDS, empty_analysis, make_analysis
+from builders import KINDS, adapter_analysis, empty_analysis, make_analysis
 from spectra.errors import SpectraError
-from spectra.records import Analysis, RankOption, Recommendation, Skipped
+from spectra.names import CAVEAT
+from spectra.records import Analysis, ModelConfig, RankOption, Recommendation, Skipped
 from spectra.report.html import (
+    model_name,
     render_comparison_html,
     render_html,
+    report_title,
     verdict,
     write_comparison_report,
     write_report,
@@ -93,6 +96,11 @@ def html(analysis: Analysis) -> str:
     return render_html(analysis)
 
 
+@pytest.fixture(scope="module")
+def html_with_rec(analysis: Analysis) -> str:
+    return render_html(replace(analysis, recommendation=recommendation()))
+
+
 def test_parses_with_one_row_per_matrix(analysis: Analysis, html: str) -> None:
     page = Page(html)
     assert len(page.with_class("tr", "matrix")) == len(analysis.layers) == 6
@@ -103,14 +111,21 @@ def test_parses_with_one_row_per_matrix(analysis: Analysis, html: str) -> None:
         assert lm.name in text
 
 
-def test_every_plot_is_an_inline_png(html: str) -> None:
-    images = Page(html).find("img")
-    assert {img["data-plot"] for img in images} == PLOTS and len(images) == len(PLOTS)
-    for img in images:
-        src = img["src"] or ""
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-        assert img["alt"]
+def test_every_plot_is_inline_svg_with_hover_titles(analysis: Analysis, html: str) -> None:
+    page = Page(html)
+    figures = page.find("figure")
+    assert {f["data-plot"] for f in figures} == PLOTS and len(figures) == len(PLOTS)
+    assert not page.find("img")
+    svgs = page.find("svg")
+    assert len(svgs) == len(KINDS) + 4 + 1  # a spectrum panel per kind, two heatmaps, energy, captured, depth
+    assert all(s.get("viewbox") and s.get("role") == "img" and s.get("aria-label") for s in svgs)
+    titles = re.findall(r"<title>([^<]*)</title>", html)
+    for lm in analysis.layers:  # each matrix's spectrum line, heatmap cell and depth point say what they are
+        name = escape(lm.name)
+        assert any(t.startswith(f"{name}: rank@90% {lm.rank}") for t in titles), lm.name
+        assert f"layer {lm.layer}, {escape(lm.kind)}: rank@90% {lm.rank}" in titles
+    ids = [a["id"] for _, a in page.tags if a.get("id")]
+    assert len(ids) == len(set(ids))  # several SVGs in one page: every id unique
 
 
 def test_no_external_resources(html: str) -> None:
@@ -119,7 +134,7 @@ def test_no_external_resources(html: str) -> None:
         for key in ("src", "href", "action", "srcset", "poster", "data"):
             value = attrs.get(key)
             assert value is None or value.startswith(("#", "data:")), f"{key}={value!r}"
-    assert not re.search(r"https?://|//cdn|@import|url\(", html)
+    assert not re.search(r"https?://|//cdn|@import|url\((?!#)", html)  # url(#clip) inside an SVG is local
     assert len(page.find("script")) == 1 and page.find("script")[0] == {}  # inline, no src
     assert page.find("link") == []
 
@@ -159,24 +174,87 @@ def test_verdict_numbers_match_planted_ranks(analysis: Analysis) -> None:
     ranks = sorted(lm.rank for lm in analysis.layers)  # planted: ceil(0.9 · (4 + 3j + 2i))
     assert ranks == [4, 6, 7, 9, 10, 11]
     lines = verdict(analysis)
-    assert lines[0].startswith("Across 6 matrices") and "median 8 and maximum 11" in lines[0]
-    assert "0.50–0.69× LoRA r=16" in lines[0]
+    assert len(lines) <= 3 and all(len(line) < 200 for line in lines)
     random = analysis.layers[0].random_rank  # one shape: one Marchenko–Pastur rank (28 for 64×48 at 0.9)
-    assert f"needs {random}" in lines[1] and f"{np.median([r / random for r in ranks]):.0%}" in lines[1]
-    assert f"at most {analysis.summary.overall.captured[4]:.0%}" in lines[2]
-    assert "1 of 6 matrices" in lines[3]
+    assert "median matrix needs 8 directions for 90% of its energy (max 11)" in lines[0]
+    assert f"{np.median([r / random for r in ranks]):.0%} of what a random matrix" in lines[0]
+    assert lines[1] == "down_proj needs the most rank (median 10.5), q_proj the least (5)."
+    assert lines[2].startswith("1 of 6 matrices are at the storage rounding-noise floor")
     assert verdict(empty_analysis())[0].startswith("No matrix was analysed")
 
 
-def test_verdict_comes_first_with_caveat_and_empty_recommendation_slot(html: str) -> None:
-    text = " ".join("".join(Page(html).text).split())
-    assert text.index("Verdict") < text.index("Inputs and options") < text.index("Singular value spectra")
-    assert "no recommendation was made" in text
-    assert "rank a task needs can be much lower" in text
+def test_headline_numbers_come_first(analysis: Analysis, html_with_rec: str) -> None:
+    rec = recommendation()
+    page = Page(html_with_rec)
+    text = " ".join(" ".join(page.text).split())
+    o = analysis.summary.overall
+    for expected in (
+        "recommended LoRA r = 16 captures 94.3% with 4.2% of the targeted weights' parameters",
+        f"median rank@90% {o.median_rank:g} max {o.max_rank} over 6 matrices",
+        f"E(r = 16) {o.captured[16]:.1%}",
+        f"rank / random {o.median_rank_ratio:.2f}",
+    ):
+        assert expected in text, expected
+    assert len(page.with_class("div", "stat")) == 4
+    assert text.index("recommended LoRA") < text.index(verdict(analysis)[0]) < text.index(rec.reason)
 
 
-def test_recommendation_slot(analysis: Analysis) -> None:
-    page = Page(render_html(replace(analysis, recommendation=recommendation())))
+def test_recommendation_and_caveat_appear_once(html: str, html_with_rec: str) -> None:
+    rec = recommendation()
+    text = " ".join("".join(Page(html_with_rec).text).split())
+    assert text.count(rec.reason) == 1 and text.count(rec.caveat) == 1
+    assert text.count("Biderman") == 0  # the builder's caveat replaces the library's; no second copy
+    empty = " ".join("".join(Page(html).text).split())
+    assert "no LoRA recommendation was made" in empty.replace("No LoRA", "no LoRA")
+    assert empty.count(CAVEAT) == 1
+
+
+def test_title_is_the_model_name(analysis: Analysis) -> None:
+    a = analysis
+    assert report_title(replace(a, tuned="runs/llama-ft/model.safetensors")) == "llama-ft"
+    assert report_title(replace(a, tuned="runs/llama-ft")) == "llama-ft"
+    with_config = replace(a.base_info, model=ModelConfig(name_or_path="meta-llama/Llama-3.2-1B"))  # type: ignore[arg-type]
+    assert report_title(replace(a, base_info=with_config)) == "meta-llama/Llama-3.2-1B fine-tune"
+    tuned_config = replace(a.tuned_info, model=ModelConfig(name_or_path="/home/me/runs/llama-sft"))
+    assert report_title(replace(a, base_info=with_config, tuned_info=tuned_config)) == "llama-sft"
+    assert report_title(adapter_analysis()) == "my-adapter"
+    assert model_name("org/name@v1.0") == "name" and model_name("pair/tuned.safetensors") == "pair/tuned"
+    assert model_name("out/model-00001-of-00002.safetensors") == "out" and model_name(None) == "—"
+    small = make_analysis(n_layers=1, kinds=("q_proj",))
+    page = render_html(replace(small, base_info=with_config, tuned="runs/llama-ft/model.safetensors"))
+    assert (
+        "<h1>meta-llama/Llama-3.2-1B fine-tune</h1>" in page
+        and "<title>meta-llama/Llama-3.2-1B fine-tune · spectra" in page
+    )
+    assert "fine-tune of meta-llama/Llama-3.2-1B" in page
+
+
+def test_adapter_report_shows_r_against_the_rank_used() -> None:
+    a = adapter_analysis(r=12)
+    page = Page(render_html(a))
+    text = " ".join(" ".join(page.text).split())
+    assert "Adapter rank use" in text and "This adapter has r = 12" in text
+    rows = page.with_class("tr", "use")
+    assert len(rows) == len(KINDS)
+    assert "adapter rank r 12" in text and "2 of 6 modules saturate r, 2 use at most half" in text
+    assert "spectra resize" in text
+    assert "PEFT adapter" in text and "analysed alone" in text
+
+
+def test_layout_reflows_and_keeps_names_in_view(html: str) -> None:
+    """Plots two per row, one per row below 1180 px; panels never below 85% of their natural width; the first
+    column of a scrolling table is sticky."""
+    assert re.search(r"@media \(max-width: 1180px\) \{ \.plots", html)
+    assert re.search(r"\.scroll th:first-child, \.scroll td:first-child \{ position: sticky; left: 0", html)
+    panels = re.findall(r'class="panels" style="--min: (\d+)px">(.*?)</div></div>', html, re.S)
+    assert panels
+    for minimum, svg in panels:
+        natural = int(re.search(r'data-width="(\d+)"', svg).group(1))  # type: ignore[union-attr]
+        assert int(minimum) == round(0.85 * natural)
+
+
+def test_recommendation_slot(html_with_rec: str) -> None:
+    page = Page(html_with_rec)
     text = " ".join("".join(page.text).split())
     for expected in (
         "Uniform rank 16 reaches the target <everywhere>.",
@@ -219,7 +297,7 @@ def test_tables_are_sortable_and_glossary_defines_every_column(html: str) -> Non
 
 def test_empty_analysis_renders() -> None:
     page = Page(render_html(empty_analysis()))
-    assert not page.with_class("tr", "matrix") and len(page.find("img")) == len(PLOTS)
+    assert not page.with_class("tr", "matrix") and len(page.find("figure")) == len(PLOTS)
 
 
 def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -241,11 +319,17 @@ def test_write_report_is_atomic(analysis: Analysis, html: str, tmp_path: Path, m
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]
 
 
-def test_write_report_creates_missing_folders(analysis: Analysis, tmp_path: Path) -> None:
+def test_write_report_creates_missing_folders(
+    analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spectra.report.html.render_html", lambda a: html)
     assert write_report(analysis, tmp_path / "new" / "report.html").is_file()
 
 
-def test_write_report_unwritable_target(analysis: Analysis, tmp_path: Path) -> None:
+def test_write_report_unwritable_target(
+    analysis: Analysis, html: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spectra.report.html.render_html", lambda a: html)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpectraError, match="cannot write"):
         write_report(analysis, tmp_path / "file" / "report.html")
@@ -257,16 +341,21 @@ def test_comparison_page(analysis: Analysis, tmp_path: Path) -> None:
     page = Page(html)
     text = " ".join("".join(page.text).split())
     assert "LoRA <r=8>" in text and "<r=8>" not in html and "intro <i>" in text and "Full & LoRA" in text
-    images = page.find("img")
-    assert len(images) == 6 and len({img["data-plot"] for img in images}) == 6  # 3 plots × 2, unique anchors
+    figures = page.find("figure")  # one set of plots, both analyses overlaid on each
+    assert [f["data-plot"] for f in figures] == ["spectra", "energy", "depth"]
+    assert len(page.find("svg")) == 4 + 2  # a spectrum panel per kind of either analysis, energy, depth
     assert len({a["id"] for _, a in page.tags if a.get("id")}) == len([a for _, a in page.tags if a.get("id")])
+    titles = re.findall(r"<title>([^<]*)</title>", html)
+    assert any(t.startswith("full fine-tune: ") for t in titles)
+    assert any(t.startswith("LoRA &lt;r=8&gt;: ") for t in titles)
+    assert text.count("Caveat: an upper bound <not> a prediction.") == 0 and text.count(CAVEAT) == 1
     headline = text[text.index("Headline") : text.index("Captured energy at LoRA ranks")]
     for kind in (*KINDS, "o_proj"):
         assert kind in headline
-    assert "Advice not derived from the spectrum" in text and "no recommendation was made" in text
+    assert "Advice not derived from the spectrum" in text and "No LoRA recommendation was made" in text
     assert not re.search(r"https?://", html)
     out = write_comparison_report([("a", analysis)], tmp_path / "demo.html", "Demo")
-    assert Page(out.read_text(encoding="utf-8")).find("img")
+    assert Page(out.read_text(encoding="utf-8")).find("svg")
 
 
 @pytest.mark.slow

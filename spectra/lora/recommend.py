@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RULE = "stable"  # validated on the demo fine-tune (benchmarks/validate_rules.py, README)
 MIN_KIND_SHARE = 0.01  # "meaningful energy": a module kind holding < 1% of the candidates' Σ‖ΔW‖_F² is not targeted
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
+VARIANTS = ("per-module", "uniform")  # what the written config holds
 
 ADVICE = (
     "Practice, not derived from this spectrum (Biderman et al. 2024): target all linear modules "
@@ -62,7 +63,10 @@ class RecommendSettings:
         rslora: use rsLoRA scaling (α/√r) with α = 2√r, the same scale as α = 2r in plain LoRA.
         include_embeddings: also target embeddings and the output head.
         base_model: written as base_model_name_or_path.
-        task_type: PEFT task type written to the config (one of TASK_TYPES), or None for a bare model.
+        task_type: PEFT task type written to the config (one of TASK_TYPES), or None for a bare model (PEFT's plain
+            PeftModel, which fits any model; `analyze` passes the one inferred from the base's config.json).
+        variant: which LoRA the config holds: "per-module" (the allocation, as rank_pattern) or "uniform" (the
+            uniform rank on every targeted matrix).
         rule: how each matrix's rank is chosen (spectra.analysis.baselines.RULES): "energy" = the smallest uniform
             rank reconstructing `target` of ΔW's energy; "gd" (Gavish–Donoho), "mp" (σ above the fitted
             Marchenko–Pastur edge), "stable" (⌈stable rank⌉) = per-module ranks counting the directions above
@@ -75,7 +79,8 @@ class RecommendSettings:
     rslora: bool = False
     include_embeddings: bool = False
     base_model: str | None = None
-    task_type: str | None = "CAUSAL_LM"
+    task_type: str | None = None
+    variant: str = "per-module"
     rule: str = DEFAULT_RULE
 
     def __post_init__(self) -> None:
@@ -89,6 +94,8 @@ class RecommendSettings:
             raise OptionsError(f"budget must be a positive number of parameters, got {self.budget}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise OptionsError(f"task_type must be one of {', '.join(TASK_TYPES)} or none, got {self.task_type!r}")
+        if self.variant not in VARIANTS:
+            raise OptionsError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
 
 
 def _select_targets(layers: Sequence[LayerMetrics], include_embeddings: bool) -> tuple[list[LayerMetrics], list[str]]:
@@ -266,7 +273,8 @@ def recommend(
         spend = uniform.params if settings.budget is None else settings.budget
         allocation = _allocation(targets, table, spend)
     ranks = np.array(list(allocation.values()))
-    config, notes = _peft_config(layers, allocation, settings)
+    chosen = allocation if settings.variant == "per-module" else {lm.name: uniform.r for lm in targets}
+    config, notes = _peft_config(layers, chosen, settings)
     cap_binds = uniform.captured < goal * (1 - RANK_RTOL)
     allocation_captured = min(table.captured(ranks) / total, 1.0) if total > 0 else 0.0
     sentences = [
@@ -291,6 +299,7 @@ def recommend(
         reason=" ".join(sentences),
         advice=(*ADVICE, *([RSLORA_ADVICE] if settings.rslora else []), *notes),
         caveat=CAVEAT,
+        variant=settings.variant,
         rule=settings.rule,
         not_low_rank=tuple(dense),
     )
