@@ -179,8 +179,8 @@ def recommend(
         str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
     ] = "per-module",
     rule: Annotated[
-        str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")
-    ] = RecommendSettings().rule,
+        str | None, typer.Option(help="rank rule: stable (default), gd, mp, energy (reconstructs ΔW)")
+    ] = None,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
@@ -195,7 +195,7 @@ def recommend(
             base_model=base_model or analysis.base_model_name,
             task_type=task,
             variant=variant,
-            rule=rule,
+            **({"rule": rule} if rule is not None else {}),
         )
         rec = spectra.recommend(analysis.layers, settings)
         if rec is None:
