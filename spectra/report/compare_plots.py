@@ -163,10 +163,15 @@ def _x(trajectory: Trajectory) -> tuple[list[float], str]:
 
 
 def plot_rank_by_layer(trajectory: Trajectory) -> Figure:
-    """Rank@τ against block index, one panel per module kind, one line per checkpoint (Biderman et al. Fig. 6)."""
-    kinds = trajectory.kinds()
+    """Rank@τ against block index, one panel per module kind, one line per checkpoint (Biderman et al. Fig. 6).
+
+    Kinds outside the blocks (embeddings, heads) have no layer axis: they appear in the plots against step.
+    """
+    kinds = [
+        k for k in trajectory.kinds() if any(m.kind == k and m.layer is not None for m in trajectory.points[0].matrices)
+    ]
     if not kinds:
-        return _empty("no analysed matrices")
+        return _empty("no matrix inside a numbered block")
     fig, axes = _panels(len(kinds))
     cmap = colormaps["viridis"]
     n = len(trajectory.points)
@@ -181,7 +186,8 @@ def plot_rank_by_layer(trajectory: Trajectory) -> Figure:
         ax.set_ylabel(f"rank@{trajectory.options.threshold * 100:g}%", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
     return fig
 
 
