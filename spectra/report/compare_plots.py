@@ -43,7 +43,8 @@ def _empty(message: str) -> Figure:
 
 
 def plot_similarity_grids(comparison: Comparison) -> Figure:
-    """Heatmaps of the mean φ(i, j) per module kind (i: vectors of A, j: of B), 0 to 1, chance level in the title."""
+    """Heatmaps of the mean φ(i, j) per module kind (i: vectors of A, j: of B), 0 to 1, the chance level's largest
+    value (at the far corner) in each title."""
     kinds = comparison.kinds
     fig, axes = _panels(len(kinds))
     image = None
@@ -53,8 +54,9 @@ def plot_similarity_grids(comparison: Comparison) -> Figure:
             np.ma.masked_invalid(kc.grid), origin="lower", vmin=0.0, vmax=1.0, cmap=colormaps["viridis"],
             extent=(0.5, b + 0.5, 0.5, a + 0.5), aspect="auto", interpolation="nearest",
         )  # fmt: skip
-        k = min(a, b)
-        ax.set_title(f"{kc.kind} (n={kc.n})\nchance at ({k},{k}): {k / kc.dim:.3f}", fontsize=9)
+        ax.set_title(
+            f"{kc.kind} (n={kc.n}, d={kc.dim})\nchance max(i, j)/d ≤ {min(max(a, b) / kc.dim, 1):.3f}", fontsize=9
+        )
         ax.set_xlabel(f"j: top vectors of {comparison.labels[1]}", fontsize=8)
         ax.set_ylabel(f"i: top vectors of {comparison.labels[0]}", fontsize=8)
         ax.tick_params(labelsize=7)
