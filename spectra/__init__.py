@@ -25,6 +25,7 @@ from spectra.compare.records import (
     Trajectory,
     TrajectoryPoint,
     TrajectorySettings,
+    record_to_json,
     save_record,
 )
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
@@ -111,6 +112,7 @@ __all__ = [
     "load_analysis",
     "load_record",
     "recommend",
+    "record_to_json",
     "save_analysis",
     "save_record",
     "write_adapter_config",

@@ -330,6 +330,14 @@ def test_compare_command_prints_and_writes_the_record(tmp_path: Path) -> None:
     assert json.loads((out / "c.json").read_text())["labels"] == ["full", "lora"]
 
 
+def test_json_to_stdout_alone(tmp_path: Path) -> None:
+    base, a, b = lora_vs_full(tmp_path)
+    result = invoke("compare", base, a, b, "--top-k", "4", "--no-intruders", "--json", "-", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format"] == "spectra.comparison/1" and data["matrices"][0]["intruders_a"] is None
+
+
 @pytest.mark.slow
 def test_report_rerenders_a_saved_comparison(tmp_path: Path) -> None:
     base, a, b = lora_vs_full(tmp_path)
