@@ -27,7 +27,10 @@ from ..flags import options_flags
 Labels = Annotated[
     list[str] | None, typer.Option("--label", help="a name per fine-tune in tables and plots (repeat, in order)")
 ]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="write the record (reloadable by `spectra report`)")]
+JsonOut = Annotated[
+    Path | None,
+    typer.Option("--json", help="write the record (reloadable by `spectra report`) to FILE, or - for stdout"),
+]
 HtmlOut = Annotated[Path | None, typer.Option("--html", help="write a self-contained HTML page")]
 
 
@@ -53,14 +56,27 @@ def refuse_overwriting_inputs(inputs: Sequence[str], outputs: Sequence[Path | No
             raise OptionsError(f"{out}: is an input; write the output somewhere else")
 
 
+STDOUT = Path("-")
+
+
 def write_outputs(
     record: spectra.Comparison | spectra.Trajectory | SideBySide, json_path: Path | None, html: Path | None
 ) -> None:
-    """The page first (rendering is what can fail), then the record."""
+    """The page first (rendering is what can fail), then the record; `--json -` is printed by `show` instead."""
     if html is not None:
         wrote(spectra.write_record_report(record, html))  # matplotlib loads only when a page is asked for
-    if json_path is not None:
+    if json_path is not None and json_path != STDOUT:
         wrote(spectra.save_record(record, json_path))
+
+
+def show(
+    record: spectra.Comparison | spectra.Trajectory | SideBySide, json_path: Path | None, view: RenderableType
+) -> None:
+    """Tables to stdout, or the record's JSON alone with `--json -`."""
+    if json_path == STDOUT:
+        typer.echo(spectra.record_to_json(record))
+    else:
+        results().print(view)
 
 
 def _short(names: Sequence[str]) -> dict[str, str]:
@@ -173,7 +189,7 @@ def compare(
             base, found[0], found[1], settings, options, labels=label, progress=progress("singular vectors")
         )
         write_outputs(comparison, json_path, html)
-    results().print(comparison_view(comparison))
+    show(comparison, json_path, comparison_view(comparison))
 
 
 def side_by_side_view(record: SideBySide) -> RenderableType:
@@ -234,10 +250,10 @@ def rank_side_by_side(
         refuse_overwriting_inputs([*([base] if base else []), *tuned], [json_path, html])
         record = spectra.analyze_side_by_side(base, tuned, options, labels=labels, progress=progress("spectra"))
         write_outputs(record, json_path, html)
-    if tsv:
+    if tsv and json_path != STDOUT:
         typer.echo(side_by_side_tsv(record))
     else:
-        results().print(side_by_side_view(record))
+        show(record, json_path, side_by_side_view(record))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,14 +14,14 @@ from spectra import Options, OptionsError, Trajectory, TrajectorySettings
 
 from ..console import progress, user_errors
 from ..flags import options_flags
-from .compare import HtmlOut, JsonOut, Labels, parse_ints, refuse_overwriting_inputs, results, write_outputs
+from .compare import STDOUT, HtmlOut, JsonOut, Labels, parse_ints, refuse_overwriting_inputs, show, write_outputs
 
 CACHE_NAME = "spectra-cache"  # default cache folder, beside the first output
 
 
 def default_cache(json_path: Path | None, html: Path | None) -> Path | None:
     """`spectra-cache/` beside the --json output (else the --html one); None without outputs."""
-    out = json_path or html
+    out = json_path if json_path not in (None, STDOUT) else html
     return None if out is None else out.parent / CACHE_NAME
 
 
@@ -112,7 +112,7 @@ def trajectory(
         folder = None if no_cache else (cache or default_cache(json_path, html))
         record = spectra.analyze_trajectory(base, found, settings, options, cache=folder, progress=progress("spectra"))
         write_outputs(record, json_path, html)
-    results().print(trajectory_view(record))
+    show(record, json_path, trajectory_view(record))
 
 
 def register(app: typer.Typer) -> None:
