@@ -24,8 +24,13 @@ from spectra import (
     save_analysis,
     write_adapter_config,
 )
+from spectra.lora.recommend import DEFAULT_RULE
 
 from . import display
+from .commands import compare as compare_command
+from .commands import trajectory as trajectory_command
+from .commands.extract import extract as extract_command
+from .commands.resize import resize as resize_command
 from .console import progress, say, setup_logging, stdout, user_errors, wrote
 from .flags import Verbose, options_flags
 
@@ -40,10 +45,11 @@ app = typer.Typer(
 CHECKPOINT_HELP = "a .safetensors file, a model folder (single file or shards), or a hub id org/name[@revision]"
 Checkpoint = Annotated[str, typer.Argument(help=escape(CHECKPOINT_HELP))]  # escape: [@revision] is not markup
 Tuned = Annotated[
-    str | None,
+    list[str] | None,
     typer.Argument(
         help="the fine-tune: same forms, or a PEFT LoRA adapter folder; "
-        "with one argument, that argument is an adapter analysed alone"
+        "with one argument, that argument is an adapter analysed alone; several: analysed side by side",
+        show_default=False,
     ),
 ]
 AnalysisJson = Annotated[Path, typer.Argument(help="an analysis written by `spectra rank ... --json`")]
@@ -97,20 +103,24 @@ def rank(
     tsv: Annotated[bool, typer.Option(help="the same as --format tsv")] = False,
     summary: Summary = False,
     per_matrix: PerMatrix = None,
+    label: compare_command.Labels = None,
     *,
     options: Options,
 ) -> None:
     """Print, per matrix, the rank that explains THRESHOLD of ΔW = TUNED − BASE's energy, with the measures around it.
 
-    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors.
+    `spectra rank ADAPTER` (one argument) analyses a PEFT LoRA adapter alone, from its factors; `spectra rank BASE
+    T1 T2 …` analyses several fine-tunes of one base side by side (--label names them).
     """
+    if tuned and len(tuned) > 1:
+        return compare_command.rank_side_by_side(base, tuned, label, json_path, html, tsv, options)
     with user_errors():
         fmt = "tsv" if tsv else fmt.lower()
         if fmt not in FORMATS:
             raise OptionsError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
         if json_path == STDOUT and summary_json == STDOUT:
             raise OptionsError("--json - and --summary-json - would both write to stdout; give one a FILE")
-        base_path, tuned_path = (base, tuned) if tuned is not None else (None, base)
+        base_path, tuned_path = (base, tuned[0]) if tuned else (None, base)
         say(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
         analysis = spectra.analyze(base_path, tuned_path, options, progress=progress("ΔW spectra"))
         if json_path is not None and json_path != STDOUT:
@@ -142,9 +152,10 @@ def report(
     analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report from a saved analysis (no SVD is recomputed)."""
+    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory (no SVD is
+    recomputed)."""
     with user_errors():
-        write_html(load_analysis(analysis_json), output)
+        wrote(spectra.write_record_report(spectra.load_record(analysis_json), output))
 
 
 TASK_TYPE_HELP = (
@@ -167,6 +178,7 @@ def recommend(
     variant: Annotated[
         str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
     ] = "per-module",
+    rule: Annotated[str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")] = DEFAULT_RULE,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():
@@ -181,6 +193,7 @@ def recommend(
             base_model=base_model or analysis.base_model_name,
             task_type=task,
             variant=variant,
+            rule=rule,
         )
         rec = spectra.recommend(analysis.layers, settings)
         if rec is None:
@@ -190,6 +203,10 @@ def recommend(
             wrote(f"{written_to} ({display.written_variant(rec)})")
     out = stdout()
     out.print(display.recommendation_view(rec, out.width, written=None if written_to is None else str(written_to)))
+
+
+app.command("extract")(extract_command)
+app.command("resize")(resize_command)
 
 
 class DemoApp(Protocol):
@@ -237,6 +254,10 @@ def demo(
             progress=progress("working"),
         )
     stdout().print(summary)
+
+
+compare_command.register(app)
+trajectory_command.register(app)
 
 
 def main() -> None:

@@ -34,6 +34,21 @@ LoraRanks = Annotated[str, typer.Option(help="LoRA ranks for captured energy")]
 BatchBytes = Annotated[int | None, typer.Option(help="bytes of ΔW stacked per batch (default: derived)")]
 Threads = Annotated[int | None, typer.Option(help="cap on CPU threads (default: torch's)")]
 Download = Annotated[bool, typer.Option(help="let huggingface_hub fetch a hub id missing from the cache")]
+Devices = Annotated[
+    str | None, typer.Option(help="local devices, one worker each, e.g. cuda:0,cuda:1 (default: every visible GPU)")
+]
+Executor = Annotated[
+    str,
+    typer.Option(help="local | ray (a local Ray, started on demand) | ray://HOST:PORT or ray:ADDRESS (a Ray cluster)"),
+]
+RayAddress = Annotated[
+    str | None, typer.Option(help="join this Ray cluster: auto, HOST:PORT or ray://HOST:PORT (implies --executor ray)")
+]
+BaseQuantization = Annotated[
+    str | None, typer.Option(help="nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)")
+]
+QuantBlockSize = Annotated[int, typer.Option(help="absmax block size of --base-quantization nf4/fp4")]
+DoubleQuant = Annotated[bool, typer.Option(help="--base-quantization nf4/fp4 with double quantisation (QLoRA's)")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log decisions (skips, batches, device) to stderr")]
 
 # Options field -> its flag (the flag is --field-name); every field of Options has one
@@ -47,6 +62,12 @@ OPTIONS_FLAGS: dict[str, Any] = {
     "batch_bytes": BatchBytes,
     "threads": Threads,
     "download": Download,
+    "devices": Devices,
+    "executor": Executor,
+    "ray_address": RayAddress,
+    "base_quantization": BaseQuantization,
+    "quant_block_size": QuantBlockSize,
+    "double_quant": DoubleQuant,
 }
 
 
@@ -62,19 +83,28 @@ def parse_ranks(text: str) -> tuple[int, ...]:
         raise OptionsError(f"--lora-ranks takes comma-separated integers like 8,16,64, got {text!r}") from None
 
 
+def parse_devices(text: str | None) -> tuple[str, ...] | None:
+    """--devices "cuda:0, cuda:1" -> ("cuda:0", "cuda:1"); None or empty -> None (the default); Options validates."""
+    names = tuple(x.strip() for x in (text or "").split(",") if x.strip())
+    return names or None
+
+
 def build_options(**flags: Any) -> Options:
-    """The validated Options of the shared flags' values (--lora-ranks as text).
+    """The validated Options of the shared flags' values (--lora-ranks and --devices as text).
 
     Raises:
         OptionsError: a value out of range, or --lora-ranks not a list of integers.
     """
-    return Options(**{**flags, "lora_ranks": parse_ranks(flags["lora_ranks"])})
+    parsed = {"lora_ranks": parse_ranks(flags["lora_ranks"]), "devices": parse_devices(flags.get("devices"))}
+    return Options(**{**flags, **parsed})
 
 
 def _parameter(name: str, annotation: Any) -> inspect.Parameter:
     default = getattr(DEFAULTS, name)
     if name == "lora_ranks":
         default = format_ranks(default)
+    elif name == "devices" and default is not None:
+        default = ",".join(default)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 

@@ -16,8 +16,22 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from spectra.compare.records import (
+    CompareSettings,
+    Comparison,
+    Intruders,
+    KindComparison,
+    MatrixComparison,
+    PointMatrix,
+    SideBySide,
+    StepSimilarity,
+    Trajectory,
+    TrajectoryPoint,
+    TrajectorySettings,
+    save_record,
+)
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
-from spectra.io.store import load_analysis, save_analysis, save_summary, to_json
+from spectra.io.store import load_analysis, load_record, save_analysis, save_summary, to_json
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
 from spectra.lora.usage import KindUse, RankUse, kind_use, rank_use, use_sentences
 from spectra.names import printable
@@ -35,8 +49,16 @@ from spectra.records import (
 )
 
 if TYPE_CHECKING:
+    from spectra.compare.run import compare_finetunes
+    from spectra.compare.side_by_side import analyze_side_by_side
+    from spectra.lora.extract import extract
+    from spectra.lora.resize import resize
+    from spectra.lora.rules import RankRule
+    from spectra.lora.split import ExtractResult, ModuleResult, extraction_json, save_extraction
     from spectra.pipeline import analyze, analyze_many
+    from spectra.report.compare import write_record_report
     from spectra.report.html import write_comparison_report, write_report
+    from spectra.trajectory import analyze_trajectory, checkpoint_list
 
 try:
     __version__ = metadata.version("spectra-lm")
@@ -51,6 +73,18 @@ _LAZY = {
     "analyze_many": "spectra.pipeline",
     "write_report": "spectra.report.html",
     "write_comparison_report": "spectra.report.html",
+    "extract": "spectra.lora.extract",
+    "resize": "spectra.lora.resize",
+    "RankRule": "spectra.lora.rules",
+    "ExtractResult": "spectra.lora.split",
+    "ModuleResult": "spectra.lora.split",
+    "save_extraction": "spectra.lora.split",
+    "extraction_json": "spectra.lora.split",
+    "write_record_report": "spectra.report.compare",
+    "compare_finetunes": "spectra.compare.run",
+    "analyze_side_by_side": "spectra.compare.side_by_side",
+    "analyze_trajectory": "spectra.trajectory",
+    "checkpoint_list": "spectra.trajectory",
 }
 
 
@@ -71,34 +105,59 @@ __all__ = [
     "Analysis",
     "CheckpointError",
     "CheckpointInfo",
+    "CompareSettings",
+    "Comparison",
+    "ExtractResult",
     "GroupSummary",
+    "Intruders",
+    "KindComparison",
     "KindUse",
     "LayerMetrics",
+    "MatrixComparison",
     "MismatchError",
+    "ModuleResult",
     "Options",
     "OptionsError",
+    "PointMatrix",
     "ProgressHook",
     "RankOption",
+    "RankRule",
     "RankUse",
     "RecommendSettings",
     "Recommendation",
+    "SideBySide",
     "Skipped",
     "SpectraError",
     "Spectrum",
+    "StepSimilarity",
     "Summary",
+    "Trajectory",
+    "TrajectoryPoint",
+    "TrajectorySettings",
     "__version__",
     "analyze",
     "analyze_many",
+    "analyze_side_by_side",
+    "analyze_trajectory",
+    "checkpoint_list",
+    "compare_finetunes",
+    "extract",
+    "extraction_json",
     "kind_use",
     "load_analysis",
+    "load_record",
     "printable",
     "rank_use",
     "recommend",
+    "resize",
     "save_analysis",
+    "save_extraction",
+    "save_record",
     "save_summary",
     "to_json",
     "use_sentences",
     "write_adapter_config",
     "write_comparison_report",
+    "write_record_report",
     "write_report",
 ]

@@ -18,10 +18,11 @@ from typing import Any, Union
 
 import torch
 
-from spectra.analysis.metrics import compute_metrics, module_kinds, reading_order, summarize
+from spectra.analysis.metrics import compute_metrics, module_kinds, quantization_notes, reading_order, summarize
 from spectra.engine.executor import ProgressHook, identity, run
 from spectra.engine.kernels import Values
-from spectra.engine.local import LocalExecutor, resolve_device
+from spectra.engine.local import LocalExecutor, resolve_devices
+from spectra.engine.ray import RayExecutor
 from spectra.errors import CheckpointError, MismatchError, OptionsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.config import read_model_config
@@ -46,7 +47,7 @@ from spectra.records import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProgressHook", "analyze", "analyze_many", "build_layers", "identity", "version"]
+__all__ = ["ProgressHook", "analyze", "analyze_many", "build_layers", "identity", "make_executor", "version"]
 
 PathLike = str | os.PathLike[str]
 # a checkpoint path or hub id, or in memory: an nn.Module (a PeftModel too) or a state dict of tensors
@@ -123,9 +124,8 @@ def analyze_many(
     started = time.perf_counter()
     if not tuned:
         raise OptionsError("analyze_many needs at least one tuned input")
-    device = resolve_device(options.device)
     kernel = Values(options.precision)
-    executor = LocalExecutor(Resources(str(device), options.threads, options.batch_bytes))
+    executor = make_executor(options)
     if any(memory.is_in_memory(x) for x in (base, *tuned)):
         base_path, tuned_paths = memory.labels(base, tuned)
         plans, base_info, tuned_infos = memory.plan_in_memory(base, tuned, options)
@@ -157,12 +157,28 @@ def analyze_many(
                 (*plan.skipped, *unchanged[source]),
                 plan.notes,
                 (base_info, tuned_infos[source]),
-                str(device),
+                executor.label,
                 started,
                 created,
             )
         )
     return tuple(analyses)
+
+
+def make_executor(options: Options) -> LocalExecutor | RayExecutor:
+    """The executor `options` ask for: Ray actors (executor "ray"), else this process on `devices` (default: every
+    visible GPU, or the CPU). Every command builds its executor here, once; its `label` names the devices used.
+
+    Raises:
+        OptionsError: a CUDA device asked for that torch does not see (local; Ray checks its cluster when it runs).
+    """
+    if options.executor == "ray":
+        return RayExecutor(
+            options.ray_address, device=options.device, threads=options.threads, batch_bytes=options.batch_bytes
+        )
+    devices = resolve_devices(options.device, options.devices)
+    many = devices if len(devices) > 1 else ()
+    return LocalExecutor(Resources(devices[0], options.threads, options.batch_bytes, many))
 
 
 def _open_and_plan(
@@ -276,7 +292,7 @@ def _analysis(
         elapsed_s=time.perf_counter() - started,
         version=version(),
         created=created,
-        notes=notes,
+        notes=(*notes, *quantization_notes(layers, options)),
     )
 
 

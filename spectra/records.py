@@ -19,8 +19,12 @@ if TYPE_CHECKING:
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")
+DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")  # an entry of Options.devices
 PRECISIONS = ("fast", "exact")
 DEFAULT_LORA_RANKS = (8, 16, 64, 256)
+BASE_QUANTIZATIONS = ("nf4", "fp4", "int8")  # bitsandbytes' 4-bit (QLoRA) data types and LLM.int8() weights
+QUANT_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,18 @@ class Options:
         batch_bytes: memory budget for one batch of stacked ΔW; None derives it from the device.
         threads: cap on intra-op CPU threads; None leaves torch's default.
         download: allow huggingface_hub to download a hub id missing from the local cache.
+        devices: local executor only: the devices to run on, one worker each, e.g. ("cuda:0", "cuda:1"); None: every
+            visible GPU (when `device` resolves to CUDA), else the CPU.
+        executor: "local" (this process) or "ray" (Ray actors, one per GPU or CPU worker). "ray:ADDRESS" and
+            "ray://HOST:PORT" are accepted and set `ray_address`.
+        ray_address: the Ray cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None with executor "ray":
+            start a local Ray. Setting it implies executor "ray".
+        base_quantization: "nf4", "fp4" or "int8": form ΔW against dequant(quant(W_base)) computed with
+            bitsandbytes, for the linear weights a QLoRA run quantises (a merged QLoRA model); None: W_base as stored.
+        quant_block_size: elements per absmax block of the 4-bit types (bitsandbytes' default, 64, is what
+            transformers' BitsAndBytesConfig uses); int8 quantises row-wise and ignores it.
+        double_quant: the 4-bit absmax values were quantised again (QLoRA's double quantisation,
+            bnb_4bit_use_double_quant=True); int8 ignores it.
     """
 
     threshold: float = 0.9
@@ -47,6 +63,12 @@ class Options:
     batch_bytes: int | None = None
     threads: int | None = None
     download: bool = False
+    devices: tuple[str, ...] | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    base_quantization: str | None = None
+    quant_block_size: int = 64
+    double_quant: bool = True
 
     def __post_init__(self) -> None:
         if not (0.0 < self.threshold <= 1.0):  # also rejects NaN
@@ -68,6 +90,40 @@ class Options:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be at least 1, got {self.threads}")
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """Validate devices, executor and ray_address; "ray:ADDRESS" becomes executor "ray" with that address."""
+        if self.devices is not None:
+            object.__setattr__(self, "devices", tuple(self.devices))
+            bad = [d for d in self.devices if not isinstance(d, str) or not DEVICE_NAME.fullmatch(d)]
+            if bad or not self.devices or len(set(self.devices)) < len(self.devices):
+                given = ",".join(map(str, self.devices))
+                raise OptionsError(f"devices must be distinct names like cuda:0,cuda:1 (or cpu), got {given!r}")
+        executor, address = self.executor, self.ray_address
+        if isinstance(executor, str) and executor.startswith("ray:"):
+            given = executor if executor.startswith("ray://") else executor.removeprefix("ray:")
+            if address is not None and address != given:
+                raise OptionsError(f"executor {executor!r} and ray_address {address!r} name different Ray clusters")
+            executor, address = "ray", given
+        if address is not None:
+            if not isinstance(address, str) or not address.strip():
+                raise OptionsError(f"ray_address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+            if executor == "local":
+                executor = "ray"  # --ray-address alone asks for Ray
+        if executor not in EXECUTORS:
+            raise OptionsError(f"executor must be local, ray, ray:ADDRESS or ray://HOST:PORT, got {self.executor!r}")
+        if executor == "ray" and self.devices is not None:
+            raise OptionsError("devices apply to the local executor; on Ray each actor takes one GPU (or CPU worker)")
+        object.__setattr__(self, "executor", executor)
+        object.__setattr__(self, "ray_address", address)
+        if self.base_quantization is not None and self.base_quantization not in BASE_QUANTIZATIONS:
+            raise OptionsError(
+                f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)}, got {self.base_quantization!r}"
+            )
+        if isinstance(self.quant_block_size, bool) or self.quant_block_size not in QUANT_BLOCK_SIZES:
+            sizes = ", ".join(map(str, QUANT_BLOCK_SIZES))
+            raise OptionsError(f"quant_block_size must be one of {sizes} (bitsandbytes), got {self.quant_block_size!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +133,23 @@ class Resources:
     Attributes:
         device: a resolved torch device name: "cpu", "cuda", "cuda:1" (never "auto").
         threads: cap on intra-op CPU threads (also the number of CPU workers); None leaves torch's default.
-        batch_bytes: bytes of matrices (and their results) in flight; None derives it from the device.
+        batch_bytes: bytes of matrices (and their results) in flight per device; None derives it from each device.
+        devices: several devices, one worker each (the local executor spreads jobs over them, largest first), e.g.
+            ("cuda:0", "cuda:1"); `device` is then devices[0]. (): `device` alone.
     """
 
     device: str = "cpu"
     threads: int | None = None
     batch_bytes: int | None = None
+    devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.device == "auto" or not self.device:
-            raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {self.device!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if self.devices:
+            object.__setattr__(self, "device", self.devices[0])
+        for device in (self.device, *self.devices):
+            if device == "auto" or not device:
+                raise OptionsError(f"Resources.device must be resolved ('cpu', 'cuda', ...), got {device!r}")
         if self.batch_bytes is not None and self.batch_bytes < 1:
             raise OptionsError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.threads is not None and self.threads < 1:
@@ -128,6 +191,16 @@ class Skipped:
 
 
 @dataclass(frozen=True, slots=True)
+class QuantProbe:
+    """Whether ΔW carries the quantisation error E = dequant(quant(W_base)) − W_base of one bitsandbytes type, as a
+    ΔW between a merged QLoRA model and its 16-bit base does; measured on a sample of W_base's blocks."""
+
+    kind: str  # the best-matching type among BASE_QUANTIZATIONS (4-bit at block size 64)
+    coefficient: float  # ⟨ΔW, E⟩ / ‖E‖² on the sample: ≈ 1 when ΔW holds E whole, ≈ 0 when unrelated
+    energy: float  # ‖E‖_F² estimated for the whole matrix (the sample's, scaled by the element count)
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
     """A materialised job (spectra.plan.delta): ΔW = W_tuned − W_base for one matched 2-D weight, dense or factored
     (adapters), or a raw weight W. Lives in the torch stages, inside an executor.
@@ -142,6 +215,7 @@ class Delta:
     base_norm: float | None  # ‖W_base‖_F, None when no base was given
     dtype: str  # storage dtype of the tuned tensor, e.g. "bf16"
     noise_energy: float  # expected ‖rounding noise‖_F² that storing W_tuned in `dtype` adds to ΔW
+    quant: QuantProbe | None = None  # the base-quantisation probe of a linear weight; None: not probed
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +230,7 @@ class Spectrum:
     dtype: str
     noise_energy: float
     method: str  # how s was computed: "svd-f64", "gram-f32", "gram-f64", "factored-f64"
+    quant: QuantProbe | None = None  # Delta.quant, passed through
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +276,16 @@ class LayerMetrics:
     dtype: str  # storage dtype of the tuned tensor
     method: str  # spectrum method, see Spectrum.method
     s: np.ndarray = field(compare=False, repr=False, metadata={"json": "singular_values"})
+    quant_error_fraction: float | None = None  # the base's quantisation error / ‖ΔW‖_F² (probe); None: not probed
+    quantized_base: str | None = None  # "nf4", "fp4", "int8": ΔW carries that quantisation error of W_base
+    # Rank rules that separate signal from the noise bulk (spectra.analysis.baselines; defaults: older analyses)
+    mp_rank: int = 0  # σ above the Marchenko–Pastur edge fitted to the median σ²
+    mp_edge: float = 0.0  # that edge, in σ units: √(median σ²/μ_β)·(1 + √β)
+    stable_rank_ceil: int = 0  # ⌈stable rank⌉
+    rank_captured: float = 0.0  # E(rank): what the energy rank keeps (≥ threshold; it reconstructs ΔW)
+    gd_captured: float = 0.0  # E(gd_rank)
+    mp_captured: float = 0.0  # E(mp_rank)
+    stable_captured: float = 0.0  # E(stable_rank_ceil)
 
     def row(self) -> dict[str, Any]:
         """The JSON's scalar fields, flat: shape as rows/cols, E(r) as captured_<r>, LoRA sizes as lora_params_<r>."""
@@ -262,6 +347,8 @@ class Recommendation:
     advice: tuple[str, ...]  # practice not derived from the spectrum (LoRA+, learning rates), labelled as such
     caveat: str  # what captured energy does and does not promise (README, "The recommendation"), shown with it
     variant: str = "per-module"  # which LoRA `config` holds: "per-module" (rank_pattern) or "uniform" (one r)
+    rule: str = "energy"  # the rank rule behind it (spectra.analysis.baselines.RULES)
+    not_low_rank: tuple[str, ...] = ()  # matrices whose asked-for rank reaches m·n/(m+n): fine-tune them fully
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,11 +176,18 @@ SHARED_FLAGS = {
     "--batch-bytes": "bytes of ΔW stacked per batch",
     "--threads": "cap on CPU threads",
     "--download": "let huggingface_hub fetch a hub id missing from the cache",
+    "--devices": "local devices, one worker each",
+    "--executor": "local | ray",
+    "--ray-address": "join this Ray cluster",
+    "--base-quantization": "nf4 | fp4 | int8: diff against the base as QLoRA quantised it (bitsandbytes)",
+    "--quant-block-size": "absmax block size of --base-quantization nf4/fp4",
+    "--double-quant": "--base-quantization nf4/fp4 with double quantisation (QLoRA's)",
     "--verbose": "log decisions (skips, batches, device) to stderr",
 }
 EVERY_FLAG = (
     *("--threshold", "0.5", "--device", "cpu", "--precision", "exact", "--include", "rank8|step"),
     *("--exclude", "step", "--lora-ranks", "4,8", "--batch-bytes", "4096", "--threads", "1", "--download", "-v"),
+    *("--devices", "cpu", "--executor", "local"),
 )
 EVERY_OPTION = Options(
     threshold=0.5,
@@ -192,6 +199,7 @@ EVERY_OPTION = Options(
     batch_bytes=4096,
     threads=1,
     download=True,
+    devices=("cpu",),
 )
 
 

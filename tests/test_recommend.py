@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from builders import layer_metrics
 from spectra import LayerMetrics, OptionsError, RecommendSettings, SpectraError, recommend, write_adapter_config
+from spectra.analysis.baselines import max_lora_rank
 from spectra.lora.allocate import allocate_ranks, uniform_tradeoff
 from spectra.lora.recommend import TASK_TYPES
 from spectra.names import CAVEAT
@@ -65,17 +66,19 @@ def test_uniform_tradeoff_hand_worked() -> None:
     a = make_layer("a.weight", (8, 6), [3, 2, 1])  # energy 14, m+n 14, m·n 48
     b = make_layer("b.weight", (10, 4), [2, 2])  # energy 8, m+n 14, m·n 40; short s: the rest is zero
     rows = uniform_tradeoff([a, b])
-    assert [o.r for o in rows] == [1, 2, 4]  # up to the smallest side, 4
-    assert [o.captured for o in rows] == pytest.approx([13 / 22, 21 / 22, 1.0])
-    assert [o.params for o in rows] == [28, 56, 112]
-    assert [o.params_fraction for o in rows] == pytest.approx([28 / 88, 56 / 88, 112 / 88])
+    assert [o.r for o in rows] == [1, 2]  # stops at break-even: b's 3·14 = 42 ≥ 40 parameters is not a LoRA
+    assert [o.captured for o in rows] == pytest.approx([13 / 22, 21 / 22])
+    assert [o.params for o in rows] == [28, 56]
+    assert [o.params_fraction for o in rows] == pytest.approx([28 / 88, 56 / 88])
+    assert all(o.params_fraction < 1 for o in uniform_tradeoff([make_layer("c.weight", (384, 1536), np.ones(384))]))
 
 
 def test_uniform_tradeoff_candidates() -> None:
     a = make_layer("a.weight", (48, 64), np.ones(48))
-    assert [o.r for o in uniform_tradeoff([a])] == [1, 2, 4, 8, 16, 32, 48]
+    assert [o.r for o in uniform_tradeoff([a])] == [1, 2, 4, 8, 16, 27]  # 27·112 < 3072 ≤ 28·112: break-even
     assert [o.r for o in uniform_tradeoff([a], max_side=8)] == [1, 2, 4, 8]
-    assert uniform_tradeoff([a])[-1].captured == pytest.approx(1.0)
+    assert [o.r for o in uniform_tradeoff([a], max_side=100)][-1] == 27
+    assert uniform_tradeoff([a])[-1].captured == pytest.approx(27 / 48)
     assert uniform_tradeoff([]) == ()
 
 
@@ -84,14 +87,17 @@ def test_uniform_tradeoff_candidates() -> None:
 
 def test_allocation_hand_worked() -> None:
     # merits σ²/(m+n): A (cost 8): 2, .5, .125; B (cost 16): 4, 1, .5. Order B1 A1 B2 A2 B3 A3.
+    # Break-even caps A (3×5: 2·8 ≥ 15) at rank 1 and B (10×6: 4·16 ≥ 60) at 3.
     a = make_layer("a.weight", (3, 5), [4, 2, 1])
     b = make_layer("b.weight", (10, 6), [8, 4, math.sqrt(8)])
     assert allocate_ranks([a, b], 40) == {"a.weight": 1, "b.weight": 2}  # 16+8+16 = 40, energy 96 (optimal)
     assert allocate_ranks([a, b], 30) == {"a.weight": 1, "b.weight": 1}  # B2 (to 40) does not fit
-    assert allocate_ranks([a, b], 32) == {"a.weight": 2, "b.weight": 1}  # B2 skipped, the cheaper A2 fits
+    assert allocate_ranks([a, b], 32) == {"a.weight": 1, "b.weight": 1}  # A2 would fit but costs A's dense 15
     assert allocate_ranks([a, b], 15) == {"a.weight": 1, "b.weight": 0}  # B1 (16) does not fit, A1 (8) does
     assert allocate_ranks([a, b], 0) == {"a.weight": 0, "b.weight": 0}
-    assert allocate_ranks([a, b], 10**6) == {"a.weight": 3, "b.weight": 3}  # never beyond the spectrum
+    assert allocate_ranks([a, b], 10**6) == {"a.weight": 1, "b.weight": 3}  # never at or beyond break-even
+    wide = make_layer("c.weight", (30, 50), [4, 2, 1])  # break-even 18.75: the cap does not bind
+    assert allocate_ranks([wide], 10**6) == {"c.weight": 3}  # never beyond the spectrum
 
 
 def test_allocation_beats_uniform_where_pure_greedy_would_not() -> None:
@@ -110,8 +116,8 @@ def test_allocation_short_spectrum_and_bad_budget() -> None:
 
 
 def _brute_force(layers: Sequence[LayerMetrics], budget: int) -> float:
-    """Best Σ captured σ² over every allocation within budget (small cases)."""
-    cums = [np.concatenate(([0.0], np.cumsum(lm.s**2))) for lm in layers]
+    """Best Σ captured σ² over every allocation within budget and below break-even (small cases)."""
+    cums = [np.concatenate(([0.0], np.cumsum(lm.s**2)))[: max_lora_rank(lm.shape) + 1] for lm in layers]
     costs = [sum(lm.shape) for lm in layers]
     best = 0.0
     for ranks in itertools.product(*[range(len(c)) for c in cums]):
@@ -143,8 +149,9 @@ def test_allocation_never_below_uniform_and_near_optimal(layers: list[LayerMetri
     assert cost <= budget
     captured = sum(float(np.sum(np.sort(lm.s)[::-1][: ranks[lm.name]] ** 2)) for lm in layers)
     unit = sum(sum(lm.shape) for lm in layers)
-    for r in range(budget // unit + 1):  # every uniform rank of equal or lower cost
-        uniform = sum(float(np.sum(np.sort(lm.s)[::-1][:r] ** 2)) for lm in layers)
+    assert all(ranks[lm.name] <= max_lora_rank(lm.shape) for lm in layers)  # never a LoRA costing the dense matrix
+    for r in range(budget // unit + 1):  # every uniform rank of equal or lower cost, capped at break-even
+        uniform = sum(float(np.sum(np.sort(lm.s)[::-1][: min(r, max_lora_rank(lm.shape))] ** 2)) for lm in layers)
         assert captured >= uniform * (1 - 1e-12)
     optimum = _brute_force(layers, budget)
     assert captured <= optimum * (1 + 1e-12) + 1e-12
@@ -170,7 +177,7 @@ def decaying_model(n_layers: int = 2) -> list[LayerMetrics]:
 
 
 def test_recommend_uniform_rank() -> None:
-    rec = recommend(decaying_model())
+    rec = recommend(decaying_model(), rule="energy")
     assert rec is not None
     assert rec.uniform_rank == 8 and not rec.cap_binds
     assert rec.uniform_captured == pytest.approx(8 / 8.56)
@@ -179,21 +186,23 @@ def test_recommend_uniform_rank() -> None:
     assert set(rec.allocation.values()) == {8}  # identical matrices: the allocation is uniform too
     assert rec.target_modules == ("k_proj", "o_proj", "q_proj", "v_proj")
     assert rec.config["r"] == 8 and rec.config["lora_alpha"] == 16 and rec.config["rank_pattern"] == {}
-    assert [o.r for o in rec.tradeoff] == [1, 2, 4, 8, 16, 32, 64]
+    assert [o.r for o in rec.tradeoff] == [1, 2, 4, 8, 16, 31]  # 31·128 < 64² ≤ 32·128: break-even
     assert "Uniform rank 8" in rec.reason
     assert rec.caveat == CAVEAT and all("not derived" in a for a in rec.advice)
 
 
 def test_recommend_cap_binds() -> None:
     flat = [block(i, "q_proj", (64, 64), np.ones(64)) for i in range(2)]
-    rec = recommend(flat, max_rank=16)
+    rec = recommend(flat, max_rank=16, rule="energy")
     assert rec is not None and rec.cap_binds
     assert rec.uniform_rank == 16 and rec.uniform_captured == pytest.approx(16 / 64)
-    assert "cap 16" in rec.reason and "needs uniform rank 64" in rec.reason and "LoRA learns less" in rec.reason
-    odd = recommend(flat, max_rank=20)  # a cap that is not a power of two is used as given
+    assert "cap 16" in rec.reason and "needs uniform rank 58" in rec.reason and "LoRA learns less" in rec.reason
+    assert rec.not_low_rank == tuple(lm.name for lm in flat)  # 58 ≥ 64·64/128 = 32: not a LoRA
+    assert "2 of 2 matrices are not low-rank" in rec.reason and "Fine-tune those modules fully" in rec.reason
+    odd = recommend(flat, max_rank=20, rule="energy")  # a cap that is not a power of two is used as given
     assert odd is not None and odd.uniform_rank == 20 and odd.uniform_captured == pytest.approx(20 / 64)
     assert 20 in {o.r for o in odd.tradeoff}
-    easy = recommend(flat, max_rank=20, target=0.25)
+    easy = recommend(flat, max_rank=20, target=0.25, rule="energy")
     assert easy is not None and easy.uniform_rank == 16 and not easy.cap_binds  # exact ties reach the target
 
 
@@ -282,7 +291,7 @@ def test_recommend_mixed_ranks_and_exclusions_resolve_exactly() -> None:
         for k, kind in enumerate(("q_proj", "k_proj", "v_proj"))
     ]
     layers += [block(i, "v_proj", (64, 64), rng.random(64) * 0.01) for i in (10, 11)]  # rank 0: excluded
-    rec = recommend(layers, budget=40 * 128 * 12)
+    rec = recommend(layers, budget=20 * 128 * 12, rule="energy")
     assert rec is not None
     zero = {lm.name for lm in layers if rec.allocation[lm.name] == 0}
     assert {"model.layers.10.self_attn.v_proj.weight", "model.layers.11.self_attn.v_proj.weight"} <= zero
@@ -362,3 +371,53 @@ def test_recommend_legacy_peft_note() -> None:
     assert rec is not None and rec.config["rank_pattern"] == {"lm_head": 4}
     assert peft_rank(rec.config, "lm_head") == (4, 8) and peft_rank(rec.config, "lm_head", legacy=True) == (8, 16)
     assert LEGACY_NOTE in rec.advice
+
+
+# ---------------------------------------------------------------- issue 17: smallest rank, never past break-even
+
+
+def test_uniform_rank_is_the_smallest_integer_reaching_the_target() -> None:
+    # 384×1536 (break-even 307): σ = 1 for 130 directions then 0.05; E(129) < 0.9 ≤ E(130) with a tiny margin.
+    s = np.concatenate([np.ones(130), np.full(254, 0.05)])
+    e = np.cumsum(s**2) / np.sum(s**2)
+    target = float(e[129]) - 1e-4  # a 0.1-point miss at 129 must not double the rank to 256
+    layers = [block(i, "gate_proj", (1536, 384), s) for i in range(2)]
+    rec = recommend(layers, target=target, rule="energy")
+    assert rec is not None and rec.uniform_rank == 130 and not rec.cap_binds and rec.not_low_rank == ()
+    assert rec.uniform_captured == pytest.approx(float(e[129]))
+    assert 130 in [o.r for o in rec.tradeoff]  # shown beside the ladder, which is for display
+    assert [o.r for o in rec.tradeoff if o.r != 130] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 307]
+    assert all(o.params_fraction < 1 for o in rec.tradeoff)
+
+
+def test_recommend_never_returns_a_lora_as_large_as_the_dense_matrix() -> None:
+    # Noise-like (flat) ΔW: energy@0.9 asks for rank 346 of 384 on 384×384 (break-even 192).
+    rng = np.random.default_rng(0)
+    flat = [block(i, kind, (384, 384), 1 + 0.01 * rng.random(384)) for i in range(2) for kind in ("q_proj", "v_proj")]
+    rec = recommend(flat, max_rank=1000, rule="energy")
+    assert rec is not None
+    size = sum(lm.shape[0] * lm.shape[1] for lm in flat)
+    assert rec.uniform_rank == 191 and rec.uniform_rank * 768 < 384 * 384  # capped below break-even
+    assert rec.allocation_params < size and all(r <= 191 for r in rec.allocation.values())
+    assert set(rec.not_low_rank) == {lm.name for lm in flat}
+    assert "not low-rank at the energy target" in rec.reason and "lower the target" in rec.reason
+    assert all(o.r <= 191 for o in rec.tradeoff)
+    low = recommend(flat, target=0.3, rule="energy")  # a lower target is low-rank again
+    assert low is not None and low.not_low_rank == () and low.uniform_rank < 191
+
+
+def test_default_rule_does_not_size_the_lora_to_a_noise_bulk() -> None:
+    # A full fine-tune's shape: a few strong directions over an optimizer-noise bulk that fills the spectrum
+    # (energy@0.9 then asks for ~half the dense parameters, as on the demo's MiniLM fine-tune).
+    rng = np.random.default_rng(0)
+    noise = np.linalg.svd(rng.standard_normal((96, 192)), compute_uv=False)
+    s = np.concatenate([[120.0, 80.0, 60.0], noise[3:]])
+    layers = [block(i, "q_proj", (96, 192), s) for i in range(3)]
+    default = recommend(layers)
+    energy = recommend(layers, rule="energy")
+    assert default is not None and energy is not None
+    assert RecommendSettings().rule == "stable" and default.rule == "stable"
+    size = 3 * 96 * 192
+    assert default.allocation_params < 0.1 * size  # a LoRA, sized to the directions above the bulk
+    assert energy.uniform_rank >= 40 and energy.allocation_params > 0.5 * size  # reconstruction: the bulk too
+    assert "energy@90%: the rank that reconstructs ΔW" in energy.reason

@@ -95,7 +95,7 @@ def tiny_llama() -> Any:
 def test_llama_mixed_ranks(tmp_path: Path) -> None:
     model = tiny_llama()
     layers = planted_metrics(model, 0, lambda name, shape: 3 + (sum(map(ord, name)) % 20))
-    rec = recommend(layers)
+    rec = recommend(layers, rule="energy")  # the energy rule's greedy allocation gives mixed ranks
     assert rec is not None
     assert "embed_tokens" not in rec.target_modules and "lm_head" not in rec.target_modules
     assert len(set(rec.allocation.values())) > 3 and rec.config["rank_pattern"]

@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Final
 
 import numpy as np
 
+from spectra.analysis import baselines
 from spectra.names import RANK_RTOL as RANK_RTOL
+from spectra.names import is_embedding
 from spectra.names import module_kinds as module_kinds
 from spectra.names import reading_order as reading_order
 from spectra.records import GroupSummary, LayerMetrics, Options, Spectrum, Summary
 
 log = logging.getLogger(__name__)
+
+# ⟨ΔW, E⟩/‖E‖² of a ΔW that holds the base's quantisation error E whole is ≈ 1 (s·B@A is nearly orthogonal to E);
+# an unrelated ΔW gives ≈ 0 ± ‖ΔW‖/(‖E‖·√sampled elements)
+QUANT_COEFFICIENT: Final = (0.5, 1.5)
+# ‖ΔW‖/‖W‖ that 4-bit blockwise quantisation alone leaves (nf4 ≈ 0.09–0.12, fp4 ≈ 0.11–0.19 at block size 64, for
+# Gaussian to heavy-tailed weights): the band of the check that runs when bitsandbytes is not installed
+FOUR_BIT_RELATIVE: Final = (0.06, 0.25)
 
 
 def _cumulative_energy(s: np.ndarray) -> np.ndarray:
@@ -144,14 +155,17 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
     s, energy, (m, n) = spectrum.s, float(spectrum.energy), spectrum.shape
     norm = math.sqrt(energy)
     base = spectrum.base_norm
-    noise = float(spectrum.noise_energy)
+    quant_fraction, quantized, quant_energy = quantization_error(spectrum, options.threshold)
+    noise = float(spectrum.noise_energy) + quant_energy
     noise_fraction = 0.0 if noise == 0.0 else (noise / energy if energy > 0.0 else math.inf)
+    rank = energy_rank(s, options.threshold, energy)
+    ranks = {rule: baselines.rule_rank(rule, s, (m, n), energy, rank) for rule in baselines.RULES}
     return LayerMetrics(
         name=spectrum.name,
         shape=(m, n),
         kind=kind,
         layer=layer,
-        rank=energy_rank(s, options.threshold, energy),
+        rank=rank,
         stable_rank=stable_rank(s, energy),
         effective_rank=effective_rank(s),
         spectral_norm=float(s[0]) if len(s) else 0.0,
@@ -166,6 +180,71 @@ def compute_metrics(spectrum: Spectrum, options: Options, kind: str, layer: int 
         dtype=spectrum.dtype,
         method=spectrum.method,
         s=s,
+        quant_error_fraction=quant_fraction,
+        quantized_base=quantized,
+        mp_rank=ranks["mp"],
+        mp_edge=baselines.mp_edge(s, (m, n)),
+        stable_rank_ceil=ranks["stable"],
+        rank_captured=baselines.kept(s, rank, energy),
+        gd_captured=baselines.kept(s, ranks["gd"], energy),
+        mp_captured=baselines.kept(s, ranks["mp"], energy),
+        stable_captured=baselines.kept(s, ranks["stable"], energy),
+    )
+
+
+def quantization_error(spectrum: Spectrum, threshold: float) -> tuple[float | None, str | None, float]:
+    """(share of ‖ΔW‖_F² that is the base's quantisation error, the quantisation when ΔW carries it, its energy).
+
+    From the probe of a linear weight (spectra.plan.quant.probe): the error E of the best-matching type is in ΔW
+    when ⟨ΔW, E⟩/‖E‖² is within QUANT_COEFFICIENT of 1, and it matters when it alone could move the rank (the
+    `noisy` criterion: share ≥ 1 − threshold, at least 1%). Such a matrix is flagged with the type, and E's
+    energy joins its noise floor: it is 4-bit (or 8-bit) storage noise of the base the adapter was trained on.
+    (None, None, 0.0) without a probe.
+    """
+    probe, energy = spectrum.quant, float(spectrum.energy)
+    if probe is None or energy <= 0.0:
+        return None, None, 0.0
+    carried = probe.coefficient**2 * probe.energy
+    share = min(carried / energy, 1.0)
+    low, high = QUANT_COEFFICIENT
+    if low <= probe.coefficient <= high and share >= max(1.0 - threshold, 0.01):
+        return share, probe.kind, min(carried, energy)
+    return share, None, 0.0
+
+
+def quantization_notes(layers: Sequence[LayerMetrics], options: Options) -> tuple[str, ...]:
+    """The Analysis note (at most one) when ΔW looks like a merged QLoRA model's: matrices flagged by the probe,
+    or, when no probe ran (bitsandbytes not installed), linear matrices whose ΔW is as large as 4-bit quantisation
+    error (FOUR_BIT_RELATIVE of ‖W_base‖) and as spread as noise (rank ≥ 0.7 × a random matrix's)."""
+    flagged = [lm for lm in layers if lm.quantized_base is not None]
+    if flagged:
+        probed = sum(lm.quant_error_fraction is not None for lm in layers)
+        kind = Counter(lm.quantized_base for lm in flagged).most_common(1)[0][0]
+        share = float(np.median([lm.quant_error_fraction or 0.0 for lm in flagged]))
+        given = options.base_quantization
+        if given is not None:
+            return (
+                f"{len(flagged)} of {probed} linear matrices still carry a {kind} quantisation error of their "
+                f"base weights (median {share:.0%} of ‖ΔW‖²) after diffing against {given}: was the base "
+                f"quantised with {kind}? Try --base-quantization {kind} (and --quant-block-size, --double-quant)",
+            )
+        return (
+            f"{len(flagged)} of {probed} linear matrices carry their base weights' {kind} quantisation error "
+            f"(median {share:.0%} of ‖ΔW‖²), as a model merged from a QLoRA adapter does: their ranks measure "
+            f"the quantisation, not the fine-tune; rerun with --base-quantization {kind} "
+            "(Options.base_quantization) to diff against the quantised base",
+        )
+    if options.base_quantization is not None or any(lm.quant_error_fraction is not None for lm in layers):
+        return ()
+    low, high = FOUR_BIT_RELATIVE
+    linear = [lm for lm in layers if not is_embedding(lm.kind) and lm.relative_change is not None]
+    alike = [lm for lm in linear if low <= (lm.relative_change or 0.0) <= high and lm.rank >= 0.7 * lm.random_rank]
+    if not alike or 2 * len(alike) < len(linear):
+        return ()
+    return (
+        f"ΔW of {len(alike)} of {len(linear)} linear matrices is {low:.0%}–{high:.0%} of ‖W_base‖ and as spread "
+        "as noise, as the 4-bit quantisation error of a model merged from a QLoRA adapter would be; install "
+        "bitsandbytes (pip install 'spectra-lm[quant]') so spectra can check, and try --base-quantization nf4",
     )
 
 

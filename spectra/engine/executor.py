@@ -30,7 +30,8 @@ class Executor(Protocol):
     """Where kernels run. `run` must yield exactly one pair per job, and re-raise a job's error (a SpectraError from
     reading, a bug in a kernel) in the caller's thread; closing the iterator early must release its resources.
 
-    Implementations: spectra.engine.local.LocalExecutor. A distributed one sends the (picklable) jobs and kernel to
+    Implementations: spectra.engine.local.LocalExecutor (this process: the CPU, one GPU or each of several) and
+    spectra.engine.ray.RayExecutor (Ray actors). A distributed one sends the (picklable) jobs and kernel to
     workers that materialise and compute them themselves (simplest: each worker runs a LocalExecutor on its share,
     with the Resources of its own device) and sends back the small results only, never tensors.
     """
@@ -44,6 +45,12 @@ def schedule_key(job: Job) -> tuple[Any, ...]:
     """The order jobs are run in: by shape (same-shape matrices batch together on a GPU), then name, then input (the
     same matrix of several tuned inputs runs back to back, its base tensor still in the page cache)."""
     return job.shape, natural_key(job.name), job.source
+
+
+def largest_first(job: Job) -> tuple[Any, ...]:
+    """The order executors with several workers (devices, Ray actors) hand jobs out in: largest matrices first, so
+    the last to finish are small ones; same-shape matrices together (a GPU stacks them), then as schedule_key."""
+    return -job.shape[0] * job.shape[1], schedule_key(job)
 
 
 def run(

@@ -9,8 +9,8 @@ and topk.py (vectors). Results are CPU float64 numpy records, so later stages ru
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar
 
 import numpy as np
@@ -78,7 +78,7 @@ class Values:
         if self.precision != "exact":
             s, methods = fast_values(x, gemm_threads=threads)
         return [
-            Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i])
+            Spectrum(d.name, d.shape, s[i], float(energy[i]), d.base_norm, d.dtype, d.noise_energy, methods[i], d.quant)
             for i, d in enumerate(deltas)
         ]
 
@@ -94,18 +94,38 @@ class TopK:
         k: triplets wanted, ≥ 1; fewer come back when ΔW has fewer numerically non-zero directions (see Factors).
         method: "gram" (default: Gram eigenvectors + one Rayleigh–Ritz step, 2–3.5× faster on a CPU) or "svd"
             (full float64 SVD, the reference). Factored deltas always use QR of the factors.
+        ranks: job name -> triplets wanted for that job (each ≥ 1), overriding `k` (extraction with per-module
+            ranks); `TopK.per_job` builds one with k = the largest of them. A stacked batch is computed at its
+            largest k and each result cut to its own.
     Dense ΔW is materialised in float64: the Gram route squares the condition number, and float32 would lose
     the σ below ~1e-3·σ₁ that extraction and subspace comparisons keep. See topk.py for accuracy.
     """
 
     k: int
     method: str = "gram"
+    ranks: Mapping[str, int] | None = field(default=None, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+        if not _positive_int(self.k):
             raise OptionsError(f"k must be a positive integer, got {self.k!r}")
         if self.method not in TOPK_METHODS:
             raise OptionsError(f"method must be one of {', '.join(TOPK_METHODS)}, got {self.method!r}")
+        if self.ranks is not None:
+            bad = [f"{name}={k!r}" for name, k in self.ranks.items() if not _positive_int(k)]
+            if bad:
+                raise OptionsError(f"per-job k must be positive integers, got {', '.join(bad[:3])}")
+            object.__setattr__(self, "ranks", dict(self.ranks))  # a private copy: the kernel stays as built
+
+    @classmethod
+    def per_job(cls, ranks: Mapping[str, int], method: str = "gram") -> TopK:
+        """A TopK computing `ranks[job.name]` triplets for each job (jobs not in `ranks`: the largest of them)."""
+        if not ranks:
+            raise OptionsError("per-job ranks are empty: no job to compute")
+        return cls(max(ranks.values()), method, ranks)
+
+    def k_of(self, name: str) -> int:
+        """Triplets wanted for the job named `name`."""
+        return self.k if self.ranks is None else self.ranks.get(name, self.k)
 
     @property
     def wide(self) -> bool:
@@ -114,22 +134,60 @@ class TopK:
     def compute(self, deltas: Sequence[Delta], threads: int | None = None) -> list[Factors]:
         if deltas[0].factors is not None:
             return [self._factored(d) for d in deltas]
+        ks = [self.k_of(d.name) for d in deltas]
         x = _stack(deltas).to(torch.float64)
         with cpu_threads(threads):
             energy = frobenius_energy(x).cpu().numpy()
         route = gram_topk if self.method == "gram" else svd_topk
-        u, s, vt = (t.cpu().numpy() for t in route(x, self.k, threads))
+        u, s, vt = (t.cpu().numpy() for t in route(x, max(ks), threads))
         del x
         method = f"{self.method}-f64"
-        return [_factors(d, u[i], s[i], vt[i], float(energy[i]), method) for i, d in enumerate(deltas)]
+        return [
+            _factors(d, u[i][:, :k], s[i][:k], vt[i][:k], float(energy[i]), method)
+            for i, (d, k) in enumerate(zip(deltas, ks, strict=True))
+        ]
 
     def _factored(self, delta: Delta) -> Factors:
         assert delta.factors is not None
-        u, s, vt, energy = factored_topk(*delta.factors, self.k)
+        u, s, vt, energy = factored_topk(*delta.factors, self.k_of(delta.name))
         return _factors(delta, u.cpu().numpy(), s.cpu().numpy(), vt.cpu().numpy(), energy, "factored-f64")
 
     def result_nbytes(self, shape: tuple[int, int]) -> int:
-        return 8 * min(self.k, *shape) * (shape[0] + shape[1] + 1)
+        return 8 * min(self.k, *shape) * (shape[0] + shape[1] + 1)  # k is the largest per-job k
+
+
+@dataclass(frozen=True, slots=True)
+class Energy:
+    """‖ΔW‖_F² of each ΔW (float64, summed from ΔW itself) → float: a cheap pass (read and diff, no
+    decomposition) that finds which matrices changed before a layout is fixed, e.g. extraction at a fixed rank."""
+
+    @property
+    def wide(self) -> bool:
+        return False
+
+    def compute(self, deltas: Sequence[Delta], threads: int | None = None) -> list[float]:
+        if deltas[0].factors is not None:
+            return [_factored_energy(d) for d in deltas]
+        with cpu_threads(threads):
+            return [float(e) for e in frobenius_energy(_stack(deltas)).cpu()]
+
+    def result_nbytes(self, shape: tuple[int, int]) -> int:
+        return 8
+
+
+def _positive_int(k: object) -> bool:
+    """An integer ≥ 1 (Python or numpy, or an integral float), not a bool."""
+    try:
+        return not isinstance(k, bool) and int(k) == k and int(k) >= 1  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _factored_energy(d: Delta) -> float:
+    assert d.factors is not None
+    b, a = d.factors
+    _, r_b = torch.linalg.qr(b.to(torch.float64))
+    return float(torch.linalg.matrix_norm(r_b @ a.to(torch.float64)).square())
 
 
 def _stack(deltas: Sequence[Delta]) -> torch.Tensor:

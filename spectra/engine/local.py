@@ -8,6 +8,9 @@ model size. It opens files through its own handle cache.
   same-shape matrices are stacked into one call up to a byte budget counting the matrices and their results (a
   sixth of free device memory: the batch, its stacked copy and the reader's next batch fit in half); the whole
   ΔW → result chain stays on the device and only CPU results come back.
+- Several devices (Resources.devices, e.g. every visible GPU): one such pipeline per device, each on a thread of
+  its own with its own reader, byte budget (from that device's free memory) and CUDA stream (the device's own),
+  all pulling the next job from one shared queue ordered largest first; results come back as they complete.
 - CPU: matrices are spread over `threads` worker threads that each run single-threaded BLAS/LAPACK, up to the
   byte budget in flight. LAPACK's own threading forks and joins threads at every Householder step of the
   eigensolver, which on a small machine shared with other processes is many times slower than one thread per
@@ -26,13 +29,16 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Final, Generic, Protocol, TypeVar, cast
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 import torch
 
+from spectra.engine.executor import largest_first
 from spectra.engine.kernels import Kernel
 from spectra.engine.reader import DONE, Ledger, ReadAhead, Signal
 from spectra.engine.sigma import cpu_threads, full_float32
@@ -70,6 +76,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def resolve_devices(device: str, devices: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The devices the local executor runs on: `devices` when given (checked), else every visible GPU when
+    `device` resolves to CUDA and torch sees several, else the one device `resolve_device` gives ("cpu", "cuda").
+
+    Raises:
+        OptionsError: a CUDA device asked for that torch does not see, or `device` "cpu" with CUDA `devices`.
+    """
+    if not devices:
+        resolved = resolve_device(device)
+        count = torch.cuda.device_count() if resolved.type == "cuda" else 0
+        return tuple(f"cuda:{i}" for i in range(count)) if count > 1 else (str(resolved),)
+    cuda = [d for d in devices if torch.device(d).type == "cuda"]
+    if cuda and device == "cpu":
+        raise OptionsError(f"device 'cpu' conflicts with devices {','.join(devices)}; drop one of the two")
+    count = torch.cuda.device_count() if cuda else 0
+    for name in cuda:
+        index = torch.device(name).index or 0
+        if index >= count:
+            seen = f"cuda:0..cuda:{count - 1}" if count else "no CUDA device"
+            raise OptionsError(f"device {name!r} asked for, but torch sees {seen}; check --devices")
+    return tuple(devices)
+
+
 def batch_budget(resources: Resources, device: torch.device) -> int:
     """Bytes computed at once: the resource's, or a sixth of free GPU memory, or 128 MiB on the CPU."""
     if resources.batch_bytes is not None:
@@ -81,10 +110,11 @@ def batch_budget(resources: Resources, device: torch.device) -> int:
 
 
 class LocalExecutor:
-    """Runs jobs in this process: a reader thread ahead, then CPU worker threads or stacked batches on one GPU.
+    """Runs jobs in this process: a reader thread ahead, then CPU worker threads or stacked batches on one GPU; with
+    several devices, one such worker per device, each pulling the next job from a shared queue (largest first).
 
     Args:
-        resources: device (resolved), threads, batch bytes.
+        resources: device (resolved) or devices, threads, batch bytes (per device).
         stacked: stack same-shape matrices into batched calls (the GPU path); None: on CUDA only. On a CPU it
             runs the GPU code path, for testing.
         materialize: turns a job into its matrix on the reader thread (default: spectra.plan.delta.make_delta).
@@ -94,26 +124,45 @@ class LocalExecutor:
         self, resources: Resources | None = None, *, stacked: bool | None = None, materialize: Materialize = make_delta
     ) -> None:
         self.resources = resources or Resources()
-        self.device = torch.device(self.resources.device)
-        self.stacked = self.device.type == "cuda" if stacked is None else stacked
+        self.devices = tuple(torch.device(d) for d in self.resources.devices or (self.resources.device,))
+        self.device = self.devices[0]
+        self._stacked = stacked  # per device: None stacks on CUDA devices only
+        self.stacked = self.device.type == "cuda" if stacked is None else stacked  # on the first device
         self.materialize = materialize
 
+    @property
+    def label(self) -> str:
+        """The devices used, e.g. "cpu", "cuda", "cuda:0,cuda:1" (Analysis.device)."""
+        return ",".join(str(d) for d in self.devices)
+
     def run(self, jobs: Sequence[Job], kernel: Kernel[R]) -> Generator[tuple[Job, R | Skipped], None, None]:
-        """(job, result) for every job, in the order given; see the module docstring for the scheduling."""
-        budget = batch_budget(self.resources, self.device)
+        """(job, result) for every job: in the order given on one device, in completion order on several (largest
+        jobs first); see the module docstring for the scheduling."""
+        if len(self.devices) == 1:
+            yield from self._run_on(self.device, jobs, kernel)
+            return
+        with full_float32():  # set once here: the setting is process-wide, the device threads only keep it
+            yield from self._spread(jobs, kernel)
+
+    def _run_on(
+        self, device: torch.device, jobs: Iterable[Job], kernel: Kernel[R]
+    ) -> Generator[tuple[Job, R | Skipped], None, None]:
+        """The jobs on one device, in their order; `jobs` is consumed on this device's reader thread."""
+        budget = batch_budget(self.resources, device)
+        stacked = device.type == "cuda" if self._stacked is None else self._stacked
         handles = Handles()  # used by the reader thread only; closed once it has stopped
         try:
             with cpu_threads(self.resources.threads), full_float32():
                 items = self._deltas(jobs, kernel, handles)
-                if not self.stacked:
+                if not stacked:
                     workers = torch.get_num_threads()
-                    log.info("engine: cpu, %d workers, %s, %d MiB in flight", workers, kernel, budget >> 20)
+                    log.info("engine: %s, %d workers, %s, %d MiB in flight", device, workers, kernel, budget >> 20)
                     ledger = Ledger(budget)
                     with contextlib.closing(ReadAhead(items, READER_THREADS, ledger, _item_nbytes)) as reader:
                         yield from _compute_cpu(reader, kernel, budget, workers, ledger)
                 else:
-                    log.info("engine: %s, %s, batch budget %d MiB", self.device, kernel, budget >> 20)
-                    batches = _batches(_on_device(items, self.device), budget, kernel)
+                    log.info("engine: %s, %s, batch budget %d MiB", device, kernel, budget >> 20)
+                    batches = _batches(_on_device(items, device), budget, kernel)
                     with contextlib.closing(ReadAhead(batches)) as reader:
                         for batch in reader:
                             yield from _compute_batch(batch, kernel)
@@ -123,6 +172,102 @@ class LocalExecutor:
     def _deltas(self, jobs: Iterable[Job], kernel: Kernel[R], handles: Handles) -> Iterator[Item]:
         for job in jobs:  # runs on the reader thread
             yield job, self.materialize(job, handles, wide=kernel.wide)
+
+    def _spread(self, jobs: Sequence[Job], kernel: Kernel[R]) -> Iterator[tuple[Job, R | Skipped]]:
+        """One thread per device runs `_run_on` over a shared queue of the jobs, largest first: each device's
+        reader takes the next job when it is ready for one, so faster devices take more. Results are handed over
+        through a queue of one slot per device (a device waits while its result is not taken)."""
+        queue_ = _SharedJobs(sorted(jobs, key=largest_first))
+        results: queue.Queue[object] = queue.Queue(maxsize=len(self.devices))
+        stop = threading.Event()
+        threads = [
+            threading.Thread(
+                target=self._serve, args=(d, queue_, kernel, results, stop), name=f"spectra-device-{i}", daemon=True
+            )
+            for i, d in enumerate(self.devices)
+        ]
+        log.info("engine: %d devices (%s), largest jobs first", len(threads), self.label)
+        for thread in threads:
+            thread.start()
+        try:
+            running = len(threads)
+            while running:
+                got = results.get()
+                if got is _FINISHED:
+                    running -= 1
+                elif isinstance(got, _Raised):
+                    raise got.error
+                else:
+                    yield got  # type: ignore[misc]  # a (job, result) pair
+                del got
+        finally:
+            stop.set()
+            queue_.close()
+            for thread in threads:
+                thread.join()
+
+    def _serve(
+        self,
+        device: torch.device,
+        jobs: _SharedJobs,
+        kernel: Kernel[Any],
+        results: queue.Queue[object],
+        stop: threading.Event,
+    ) -> None:
+        """A device thread: its results into `results`, then _FINISHED (or its error); stops once `stop` is set."""
+        try:
+            stream = self._run_on(device, jobs, kernel)
+            with (
+                torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(),
+                contextlib.closing(stream),
+            ):
+                for pair in stream:
+                    if not _put(results, pair, stop):
+                        return
+                    del pair
+            _put(results, _FINISHED, stop)
+        except BaseException as exc:  # re-raised in the caller's thread
+            _put(results, _Raised(exc), stop)
+
+
+class _SharedJobs:
+    """The jobs, handed out one at a time to whichever device's reader asks first (thread-safe); empty once closed."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._jobs = deque(jobs)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[Job]:
+        return self
+
+    def __next__(self) -> Job:
+        with self._lock:
+            if not self._jobs:
+                raise StopIteration
+            return self._jobs.popleft()
+
+    def close(self) -> None:
+        with self._lock:
+            self._jobs.clear()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Raised:
+    error: BaseException
+
+
+_FINISHED: Final = object()
+
+
+def _put(results: queue.Queue[object], item: object, stop: threading.Event) -> bool:
+    """Put `item`, waiting for room unless `stop` is set (then False: the caller has stopped taking results)."""
+    while not stop.is_set():
+        try:
+            results.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _batches(items: Iterable[Item], budget: int, kernel: Kernel[R]) -> Iterator[list[Item]]:

@@ -11,8 +11,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path, PurePath
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from spectra.records import Analysis
 
 FORMAT = "spectra.analysis/1"
 SUMMARY_FORMAT = "spectra.summary/1"  # the same keys without singular values, for scripts; not reloadable
+T = TypeVar("T")
+Decoder = Callable[[dict[str, Any]], object]
 
 
 def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
@@ -109,8 +112,8 @@ def _json_name(f: dataclasses.Field[Any]) -> str:
 def _encode(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {_json_name(f): _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, np.ndarray):
-        return [float(x) for x in value.tolist()]
+    if isinstance(value, np.ndarray):  # any number of axes; NaN (a cell with no value) is saved as null
+        return _floats(value.tolist())
     if isinstance(value, dict):
         return {str(k): _encode(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -124,6 +127,12 @@ def _encode(value: Any) -> Any:
     return value
 
 
+def _floats(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return None if math.isnan(value) else float(value)
+
+
 def _decode(hint: Any, value: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if value is None:
@@ -134,7 +143,7 @@ def _decode(hint: Any, value: Any) -> Any:
         hints = typing.get_type_hints(hint)
         fields = {_json_name(f): f.name for f in dataclasses.fields(hint)}
         return hint(**{fields[k]: _decode(hints[fields[k]], v) for k, v in value.items() if k in fields})
-    if hint is np.ndarray:
+    if hint is np.ndarray:  # null -> NaN
         return np.asarray(value, dtype=np.float64)
     if origin is tuple:
         item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
@@ -144,3 +153,64 @@ def _decode(hint: Any, value: Any) -> Any:
     if hint in (int, float, str, bool):
         return hint(value)
     return value
+
+
+# Every saved record type: format string -> decoder. `spectra.analysis/1` is defined here; modules defining other
+# record types register theirs on import (spectra/__init__.py imports them), so `load_record` reads all of them.
+_DECODERS: dict[str, Decoder] = {FORMAT: analysis_from_dict}
+
+
+def register_format(fmt: str, decode: Decoder) -> None:
+    """Make `load_record` read records whose "format" is `fmt` with `decode` (a dict -> record function)."""
+    _DECODERS[fmt] = decode
+
+
+def record_to_dict(record: object, fmt: str) -> dict[str, Any]:
+    """The JSON-ready dict of any frozen record: {"format": fmt, field: value, ...} (arrays as nested lists)."""
+    body = _encode(record)
+    assert isinstance(body, dict)
+    return {"format": fmt, **body}
+
+
+def record_from_dict(cls: type[T], data: Any, fmt: str) -> T:
+    """Rebuild a record of type `cls` from `record_to_dict(record, fmt)` output (unknown keys are ignored).
+
+    Raises:
+        SpectraError: `data` is not a record of format `fmt`.
+    """
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise SpectraError(f"not a {fmt} record (format {found!r})")
+    decoded = _decode(cls, {k: v for k, v in data.items() if k != "format"})
+    assert isinstance(decoded, cls)
+    return decoded
+
+
+def write_record(record: object, fmt: str, path: str | Path) -> Path:
+    """Write `record` as JSON of format `fmt` to `path` atomically; return the path."""
+    return write_atomic(Path(path), json.dumps(record_to_dict(record, fmt), indent=1, allow_nan=False))
+
+
+def load_record(path: str | Path) -> object:
+    """Read any saved spectra record (an analysis, a comparison, a trajectory, ...), dispatching on its "format".
+
+    Raises:
+        SpectraError: missing file, not JSON, an unknown format, or a damaged record.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpectraError(f"{path}: no such file; write one with `spectra rank|compare|trajectory … --json`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpectraError(f"{path}: not a readable JSON file ({exc})") from None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    decode = _DECODERS.get(fmt) if isinstance(fmt, str) else None
+    if decode is None:
+        known = ", ".join(sorted(_DECODERS))
+        raise SpectraError(f"{path}: not a spectra analysis or other spectra record (format {fmt!r}; known: {known})")
+    try:
+        return decode(data)
+    except SpectraError as exc:
+        raise SpectraError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise SpectraError(f"{path}: damaged {fmt} record ({type(exc).__name__}: {exc})") from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spectra.analysis.baselines import max_lora_rank
 from spectra.errors import OptionsError
 from spectra.records import LayerMetrics, RankOption
 
@@ -25,6 +26,7 @@ class SpectraTable:
     cost: np.ndarray  # m + n: LoRA parameters per unit of rank
     size: np.ndarray  # m · n
     side: np.ndarray  # min(m, n)
+    limit: np.ndarray  # the largest rank still cheaper than the dense matrix: r·(m+n) < m·n (break-even)
 
     @classmethod
     def of(cls, layers: Sequence[LayerMetrics]) -> SpectraTable:
@@ -42,6 +44,7 @@ class SpectraTable:
             cost=shapes.sum(axis=1),
             size=shapes.prod(axis=1),
             side=shapes.min(axis=1),
+            limit=np.array([max_lora_rank((int(m), int(n))) for m, n in shapes], dtype=np.int64),
         )
 
     def captured(self, ranks: np.ndarray) -> float:
@@ -67,26 +70,48 @@ def uniform_tradeoff(layers: Sequence[LayerMetrics], max_side: int | None = None
     """The uniform-rank trade-off table: for r = 1, 2, 4, ..., the energy-weighted share of Σ_m ‖ΔW_m‖_F² that a
     rank-r LoRA on every matrix can capture, its parameter count Σ_m r·(m+n), and that count over Σ_m m·n.
 
+    The table stops at break-even: beyond the largest rank r with r·(m+n) < m·n on every matrix, a uniform LoRA
+    costs at least a dense fine-tune of some matrix, and is not a LoRA there.
+
     Args:
         layers: the matrices LoRA would target.
-        max_side: last candidate rank; None uses the smallest matrix side min(m, n) over `layers`. Candidates are
+        max_side: last candidate rank; None (and any larger value) uses the break-even limit above. Candidates are
             the powers of two below it, then it.
     """
     if not layers:
         return ()
     table = SpectraTable.of(layers)
-    limit = int(table.side.min()) if max_side is None else max_side
+    even = int(table.limit.min())
+    limit = even if max_side is None else min(max_side, even)
     return tuple(table.option(r) for r in candidate_ranks(limit))
 
 
+def smallest_uniform_rank(table: SpectraTable, goal: float, limit: int) -> int | None:
+    """The smallest integer r in [1, limit] whose uniform option captures ≥ `goal` (a share), or None.
+
+    Any integer, not a power of two: captured energy is nondecreasing in r, so bisection finds it exactly."""
+    if limit < 1 or table.option(limit).captured < goal:
+        return None
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if table.option(mid).captured >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def _directions(table: SpectraTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(owner, position, cost) of every nonzero singular direction, in decreasing σ²/(m+n) order.
+    """(owner, position, cost) of every nonzero singular direction below its matrix's break-even limit, in
+    decreasing σ²/(m+n) order.
 
     Ties break by matrix then position, so each matrix's directions come in its own order (σ sorted).
     """
-    owner = np.concatenate([np.full(x.size, i, np.int64) for i, x in enumerate(table.s2)] + [np.zeros(0, np.int64)])
-    position = np.concatenate([np.arange(x.size) for x in table.s2] + [np.zeros(0, np.int64)])
-    merit = np.concatenate([*table.s2, np.zeros(0)]) / table.cost[owner]
+    s2 = [x[: int(c)] for x, c in zip(table.s2, table.limit, strict=True)]
+    owner = np.concatenate([np.full(x.size, i, np.int64) for i, x in enumerate(s2)] + [np.zeros(0, np.int64)])
+    position = np.concatenate([np.arange(x.size) for x in s2] + [np.zeros(0, np.int64)])
+    merit = np.concatenate([*s2, np.zeros(0)]) / table.cost[owner]
     order = np.lexsort((position, owner, -merit))
     return owner[order], position[order], table.cost[owner[order]]
 
@@ -118,7 +143,7 @@ def _allocate(table: SpectraTable, budget: int) -> np.ndarray:
     let a uniform rank beat pure greedy on tiny matrices (costs 30 and 40, budget 70), hence the second start,
     which makes the result never worse than any uniform rank of equal or lower cost."""
     directions = _directions(table)
-    n_nonzero = np.array([x.size for x in table.s2], dtype=np.int64)
+    n_nonzero = np.minimum(np.array([x.size for x in table.s2], dtype=np.int64), table.limit)
     best = _fill(directions, np.zeros_like(n_nonzero), budget)
     uniform_r = budget // int(table.cost.sum()) if table.cost.sum() else 0
     if uniform_r > 0:
@@ -132,6 +157,7 @@ def _allocate(table: SpectraTable, budget: int) -> np.ndarray:
 def allocate_ranks(layers: Sequence[LayerMetrics], budget: int) -> dict[str, int]:
     """Matrix name -> LoRA rank (0 = not worth a direction) maximising the captured energy Σ_m Σ_{i≤r_m} σ_{m,i}²
     at a cost Σ_m r_m·(m+n) ≤ `budget`: singular directions are taken globally in decreasing σ²/(m+n) order.
+    No matrix gets a rank at or above its break-even m·n/(m+n) (a LoRA that costs the dense matrix).
 
     Args:
         layers: the matrices LoRA may target; values beyond len(s) are zero and never bought.

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from spectra.analysis.baselines import RULES, max_lora_rank, rule_rank
+from spectra.analysis.metrics import energy_rank
 from spectra.errors import OptionsError
-from spectra.lora.allocate import SpectraTable, allocate_ranks, candidate_ranks, uniform_tradeoff
+from spectra.lora.allocate import SpectraTable, allocate_ranks, smallest_uniform_rank, uniform_tradeoff
 from spectra.names import CAVEAT, RANK_RTOL, is_embedding
 from spectra.peft.config import build_adapter_config
 from spectra.peft.config import write_adapter_config as write_adapter_config  # re-exported: callers import it here
@@ -24,6 +26,7 @@ from spectra.records import LayerMetrics, RankOption, Recommendation
 
 log = logging.getLogger(__name__)
 
+DEFAULT_RULE = "stable"  # validated on the demo fine-tune (benchmarks/validate_rules.py, README)
 MIN_KIND_SHARE = 0.01  # "meaningful energy": a module kind holding < 1% of the candidates' Σ‖ΔW‖_F² is not targeted
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")  # PEFT's
 VARIANTS = ("per-module", "uniform")  # what the written config holds
@@ -36,6 +39,12 @@ ADVICE = (
     "than full fine-tuning and usually wants a higher one (often about 10×); sweep it and use the highest that "
     "trains stably.",
 )
+RULE_NAMES = {
+    "energy": "energy@target: reconstruction of ΔW",
+    "gd": "Gavish–Donoho hard threshold",
+    "mp": "σ above the Marchenko–Pastur edge fitted to the median",
+    "stable": "⌈stable rank⌉",
+}
 RSLORA_ADVICE = (
     "Practice, not derived from this spectrum (Kalajdzievski 2023, rsLoRA): the scale is α/√r; α = 2√r gives "
     "every module the scale 2 that α = 2r gives plain LoRA."
@@ -58,6 +67,10 @@ class RecommendSettings:
             PeftModel, which fits any model; `analyze` passes the one inferred from the base's config.json).
         variant: which LoRA the config holds: "per-module" (the allocation, as rank_pattern) or "uniform" (the
             uniform rank on every targeted matrix).
+        rule: how each matrix's rank is chosen (spectra.analysis.baselines.RULES): "energy" = the smallest uniform
+            rank reconstructing `target` of ΔW's energy; "gd" (Gavish–Donoho), "mp" (σ above the fitted
+            Marchenko–Pastur edge), "stable" (⌈stable rank⌉) = per-module ranks counting the directions above
+            the noise bulk, with `target` unused.
     """
 
     target: float = 0.9
@@ -68,8 +81,11 @@ class RecommendSettings:
     base_model: str | None = None
     task_type: str | None = None
     variant: str = "per-module"
+    rule: str = DEFAULT_RULE
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise OptionsError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         if not 0.0 < self.target <= 1.0:  # also rejects NaN
             raise OptionsError(f"target must be in (0, 1], got {self.target} (0.9 means 90% of the energy)")
         if self.max_rank < 1:
@@ -106,17 +122,34 @@ def _select_targets(layers: Sequence[LayerMetrics], include_embeddings: bool) ->
             targets.extend(group)
         else:
             dropped.append(f"{kind} ({energy[kind] / total if total else 0:.1%} of the energy)")
-    return targets, dropped
+    tiny = [lm for lm in targets if max_lora_rank(lm.shape) < 1]
+    if tiny:
+        dropped.append(f"{len(tiny)} matrices too small for a LoRA (rank 1 costs as much as the dense matrix)")
+    return [lm for lm in targets if max_lora_rank(lm.shape) >= 1], dropped
 
 
-def _uniform_choice(table: SpectraTable, settings: RecommendSettings) -> tuple[RankOption, int | None]:
-    """(the recommended uniform rank's trade-off row, the smallest power of two reaching the target or None)."""
-    top = int(table.side.max())
-    goal = settings.target * (1 - RANK_RTOL)
-    needed = next((r for r in candidate_ranks(top) if table.option(r).captured >= goal), None)
-    if needed is not None and needed <= settings.max_rank:
+def _uniform_choice(table: SpectraTable, goal: float, settings: RecommendSettings) -> tuple[RankOption, int | None]:
+    """(the recommended uniform rank's trade-off row, the smallest integer rank reaching `goal` or None).
+
+    The rank is the smallest r capturing `goal` (a 0.1-point miss costs one rank, not a doubling), capped at
+    max_rank and at break-even (the largest r with r·(m+n) < m·n on every targeted matrix)."""
+    allowed = max(min(settings.max_rank, int(table.limit.min())), 1)
+    needed = smallest_uniform_rank(table, goal * (1 - RANK_RTOL), int(table.side.max()))
+    if needed is not None and needed <= allowed:
         return table.option(needed), needed
-    return table.option(min(settings.max_rank, top)), needed
+    return table.option(allowed), needed
+
+
+def _rule_ranks(targets: Sequence[LayerMetrics], rule: str) -> np.ndarray:
+    """The rank `rule` gives each target, uncapped."""
+    return np.array(
+        [rule_rank(rule, lm.s, lm.shape, lm.frobenius_norm**2, lm.rank) for lm in targets], dtype=np.int64
+    ).reshape(-1)
+
+
+def _not_low_rank(targets: Sequence[LayerMetrics], wanted: np.ndarray, table: SpectraTable) -> list[str]:
+    """Names of the targets whose wanted rank reaches break-even m·n/(m+n): not low-rank at this criterion."""
+    return [lm.name for lm, r, c in zip(targets, wanted, table.limit, strict=True) if r > c]
 
 
 def _tradeoff(targets: Sequence[LayerMetrics], uniform: RankOption) -> tuple[RankOption, ...]:
@@ -152,7 +185,12 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _uniform_sentence(uniform: RankOption, needed: int | None, cap_binds: bool, target: float) -> str:
+def _uniform_sentence(uniform: RankOption, needed: int | None, cap_binds: bool, target: float, rule: str) -> str:
+    if rule != "energy":
+        return (
+            f"Rule {rule!r} ({RULE_NAMES[rule]}) keeps {target:.1%} of the update's energy; uniform rank "
+            f"{uniform.r} captures {uniform.captured:.1%}" + (" (capped)." if cap_binds else ".")
+        )
     if cap_binds:
         return (
             f"LoRA at the rank cap {uniform.r} captures only {uniform.captured:.1%} of the update's energy "
@@ -161,8 +199,19 @@ def _uniform_sentence(uniform: RankOption, needed: int | None, cap_binds: bool, 
             + ": this update has higher rank than LoRA represents at this cap (LoRA learns less)."
         )
     return (
-        f"Uniform rank {uniform.r} captures {uniform.captured:.1%} of the update's energy in the "
-        f"targeted matrices (target {target:.0%})."
+        f"Uniform rank {uniform.r}, the smallest reaching the target, reconstructs {uniform.captured:.1%} of the "
+        f"update's energy in the targeted matrices (energy@{target:.0%}: the rank that reconstructs ΔW, noise "
+        "included, which can exceed the rank the task needs)."
+    )
+
+
+def _dense_sentence(names: Sequence[str], rule: str, n_targets: int) -> str:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    criterion = "energy target" if rule == "energy" else f"rule {rule!r}"
+    return (
+        f"{len(names)} of {n_targets} matrices are not low-rank at the {criterion} (the rank it asks for reaches "
+        f"m·n/(m+n), where a LoRA costs the dense matrix): {shown}. Fine-tune those modules fully "
+        "(modules_to_save) or lower the target; their LoRA rank is capped below break-even."
     )
 
 
@@ -201,17 +250,37 @@ def recommend(
         log.info("no recommendation: %s", "no layers" if not layers else "no kind to target: " + ", ".join(dropped))
         return None
     table = SpectraTable.of(targets)
-    uniform, needed = _uniform_choice(table, settings)
-    spend = uniform.params if settings.budget is None else settings.budget
-    allocation = _allocation(targets, table, spend)
+    total = float(table.energy.sum())
+    if settings.rule == "energy":
+        wanted = np.array([energy_rank(lm.s, settings.target, lm.frobenius_norm**2) for lm in targets], np.int64)
+        goal = settings.target
+        rule_alloc = None
+    else:
+        wanted = _rule_ranks(targets, settings.rule)
+        rule_alloc = np.minimum(np.minimum(wanted, table.limit), settings.max_rank)
+        goal = min(table.captured(rule_alloc) / total, 1.0) if total > 0 else 0.0
+    uniform, needed = _uniform_choice(table, goal, settings)
+    dense = _not_low_rank(targets, wanted, table)
+    if settings.rule == "energy" and needed is not None and needed > int(table.limit.min()):
+        dense = dense or [lm.name for lm, c in zip(targets, table.limit, strict=True) if c < needed]
+    if rule_alloc is not None and settings.budget is None:
+        spend = int(rule_alloc @ table.cost)
+        allocation = {lm.name: int(r) for lm, r in zip(targets, rule_alloc, strict=True)}
+        if not any(allocation.values()):
+            allocation = {lm.name: 1 if c >= 1 else 0 for lm, c in zip(targets, table.limit, strict=True)}
+            spend = int(np.array(list(allocation.values())) @ table.cost)
+    else:
+        spend = uniform.params if settings.budget is None else settings.budget
+        allocation = _allocation(targets, table, spend)
     ranks = np.array(list(allocation.values()))
     chosen = allocation if settings.variant == "per-module" else {lm.name: uniform.r for lm in targets}
     config, notes = _peft_config(layers, chosen, settings)
-    cap_binds = uniform.captured < settings.target * (1 - RANK_RTOL)
-    allocation_captured = min(table.captured(ranks) / float(table.energy.sum()), 1.0)
+    cap_binds = uniform.captured < goal * (1 - RANK_RTOL)
+    allocation_captured = min(table.captured(ranks) / total, 1.0) if total > 0 else 0.0
     sentences = [
-        _uniform_sentence(uniform, needed, cap_binds, settings.target),
+        _uniform_sentence(uniform, needed, cap_binds, goal, settings.rule),
         _allocation_sentence(table, spend, settings.budget is not None, allocation_captured, ranks),
+        *([_dense_sentence(dense, settings.rule, len(targets))] if dense else []),
         *([f"Not targeted: {', '.join(dropped)}."] if dropped else []),
     ]
     return Recommendation(
@@ -231,4 +300,6 @@ def recommend(
         advice=(*ADVICE, *([RSLORA_ADVICE] if settings.rslora else []), *notes),
         caveat=CAVEAT,
         variant=settings.variant,
+        rule=settings.rule,
+        not_low_rank=tuple(dense),
     )

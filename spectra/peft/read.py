@@ -43,9 +43,10 @@ class LoraSettings:
     fan_in_fan_out: bool
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
-    variant: str | None  # an unsupported LoRA variant switched on for every module, e.g. "DoRA"
+    variant: str | None  # an unsupported LoRA variant switched on for every module, e.g. "QA-LoRA"
     modules_to_save: tuple[str, ...]
     target_parameters: tuple[str, ...]
+    dora: bool = False  # use_dora: every module's ΔW is DoRA's, from its lora_magnitude_vector and the base weight
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # adapter_config.json as read
     _rank_keys: Patterns = field(init=False, repr=False, compare=False)
     _alpha_keys: Patterns = field(init=False, repr=False, compare=False)
@@ -135,7 +136,8 @@ def _settings(config: dict[str, Any], file: Path) -> LoraSettings:
     for name in ("target_modules", "exclude_modules"):
         if isinstance(config.get(name), str) and config[name] != "all-linear":
             _compile(f"{name} {config[name]!r:.60}", config[name], bad)
-    variants = [name for key, name in VARIANTS.items() if config.get(key)]  # init_lora_weights: init only
+    # init_lora_weights: init only; DoRA is read (LoraModule.magnitude), every other variant refused
+    variants = [name for key, name in VARIANTS.items() if config.get(key) and key != "use_dora"]
     return LoraSettings(
         r=r,
         lora_alpha=float(alpha),
@@ -146,6 +148,7 @@ def _settings(config: dict[str, Any], file: Path) -> LoraSettings:
         variant=" + ".join(variants) or None,
         modules_to_save=names(config.get("modules_to_save")),
         target_parameters=names(config.get("target_parameters")),
+        dora=bool(config.get("use_dora")),
         raw=config,
     )
 
@@ -174,6 +177,7 @@ class LoraModule:
     scale: float  # lora_alpha/r, or lora_alpha/√r with rsLoRA
     shape: tuple[int, int]  # shape of ΔW as PEFT's layer stores the weight
     transpose: bool  # ΔW = (scale·B@A)ᵀ: embeddings, fan_in_fan_out (GPT-2 Conv1D)
+    magnitude: TensorEntry | None = None  # DoRA's lora_magnitude_vector (out_features,); None for a plain LoRA
 
 
 def lora_modules(
@@ -238,13 +242,19 @@ def _not_lora(key: str, settings: LoraSettings) -> str:
 def _unsupported(name: str, module: str, parts: dict[str, str], settings: LoraSettings) -> Skipped | None:
     if settings.variant is not None:
         return Skipped(name, "unsupported", f"{settings.variant} adapter: ΔW is not scale·B@A")
-    if "lora_magnitude_vector" in parts:
-        return Skipped(name, "unsupported", "DoRA (lora_magnitude_vector): ΔW is not scale·B@A")
+    magnitude = "lora_magnitude_vector" in parts
+    if magnitude and not settings.dora:
+        why = "DoRA magnitude (lora_magnitude_vector) in an adapter without use_dora: PEFT would not load it as DoRA"
+        return Skipped(name, "unsupported", why)
+    if settings.dora and not magnitude:
+        return Skipped(name, "unsupported", "DoRA adapter (use_dora) without this module's lora_magnitude_vector")
     if any(targets_parameter(module, t) for t in settings.target_parameters):
         return Skipped(name, "unsupported", "LoRA on a parameter (target_parameters, e.g. MoE experts)")
     linear, embedding = {"lora_A", "lora_B"} & parts.keys(), {"lora_embedding_A", "lora_embedding_B"} & parts.keys()
     if len(linear) + len(embedding) != 2 or (linear and embedding):
         return Skipped(name, "unsupported", f"incomplete LoRA factors ({', '.join(sorted(parts))})")
+    if settings.dora and embedding:
+        return Skipped(name, "unsupported", "DoRA on an embedding: spectra reads DoRA on linear layers only")
     return None
 
 
@@ -264,4 +274,8 @@ def _factors(
         return Skipped(name, "shape-mismatch", f"A {a.shape}, B {b.shape}, adapter_config r={r} for this module")
     transpose = embedding or settings.fan_in_fan_out
     shape = delta_shape(a.shape, b.shape, transpose)
-    return LoraModule(module, a, b, r, settings.scale(module), shape, transpose)
+    magnitude = entries[parts["lora_magnitude_vector"]] if settings.dora else None
+    if magnitude is not None and (magnitude.shape != (b.shape[0],) or not magnitude.is_float):
+        detail = f"lora_magnitude_vector {magnitude.shape} {magnitude.dtype_name}, expected ({b.shape[0]},) floats"
+        return Skipped(name, "shape-mismatch", detail)
+    return LoraModule(module, a, b, r, settings.scale(module), shape, transpose, magnitude)

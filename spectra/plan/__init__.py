@@ -4,14 +4,17 @@ a job where it runs."""
 from spectra.plan.adapter import plan_adapter
 from spectra.plan.delta import make_delta
 from spectra.plan.dense import plan_many, plan_pair, plan_weights
-from spectra.plan.jobs import Dense, Factored, Job, Operand, Plan
+from spectra.plan.jobs import Dense, Dora, Factored, Job, Operand, Plan
+from spectra.plan.quant import QuantSpec
 
 __all__ = [
     "Dense",
+    "Dora",
     "Factored",
     "Job",
     "Operand",
     "Plan",
+    "QuantSpec",
     "make_delta",
     "plan_adapter",
     "plan_many",

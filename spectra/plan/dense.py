@@ -16,6 +16,7 @@ from spectra.io.checkpoint import Checkpoint
 from spectra.io.header import TensorEntry
 from spectra.names import is_vocabulary, natural_key
 from spectra.plan.jobs import Dense, Job, Plan
+from spectra.plan.quant import dense_quant, quant_note
 from spectra.records import Options, Skipped
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ def plan_pair(base: Checkpoint, tuned: Checkpoint, options: Options, *, source: 
                 skipped.append(Skipped(name, "shape-mismatch", f"base {base_entry.shape} vs tuned {entry.shape}"))
                 continue
         rows = min(entry.shape[0], base_entry.shape[0])
-        jobs.append(Job(name, (rows, entry.shape[1]), Dense(entry, base_entry, rows), note, source))
-    notes = tuple(job.note for job in jobs if job.note is not None)
-    return Plan(tuple(jobs), tuple(skipped), notes)
+        operand = Dense(entry, base_entry, rows, *dense_quant(name, options))
+        jobs.append(Job(name, (rows, entry.shape[1]), operand, note, source))
+    notes = [job.note for job in jobs if job.note is not None]
+    quantized = quant_note([job.operand.base_quant for job in jobs if isinstance(job.operand, Dense)])
+    return Plan(tuple(jobs), tuple(skipped), (*notes, *([quantized] if quantized else [])))
 
 
 def plan_many(base: Checkpoint, tuned: Sequence[Checkpoint], options: Options) -> tuple[Plan, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from spectra.io.header import TensorEntry
+from spectra.plan.quant import QuantSpec
 from spectra.records import Skipped
 
 if TYPE_CHECKING:
@@ -19,11 +20,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Dense:
-    """ΔW = W_tuned − W_base over the first `rows` rows of both, or the weight W_tuned itself when `base` is None."""
+    """ΔW = W_tuned − W_base over the first `rows` rows of both, or the weight W_tuned itself when `base` is None.
+
+    With `base_quant`, W_base is replaced by dequant(quant(W_base)) as bitsandbytes computes it (a merged QLoRA
+    model's base); with `quant_probe`, ΔW is checked for that quantisation error (spectra.plan.quant.probe).
+    """
 
     tuned: TensorEntry
     base: TensorEntry | None
     rows: int  # rows of ΔW: all of them, or those both sides share (a resized vocabulary)
+    base_quant: QuantSpec | None = None
+    quant_probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,26 @@ class TensorFactors:
     base: torch.Tensor | None
 
 
-Operand = Dense | Factored | Tensors | TensorFactors
+@dataclass(frozen=True, slots=True)
+class Dora:
+    """A DoRA module: ΔW = m ⊙ (W + s·B@A) / ‖W + s·B@A‖ − W, formed densely from the base W (never factored).
+
+    The norm is PEFT's (DoraLinearLayer.get_weight_norm): the L2 norm of each output feature's weights, i.e. of
+    each row of the (out, in) weight (each column when `transpose`: a Conv1D weight stored (in, out)), no epsilon;
+    m is the module's lora_magnitude_vector, one value per output feature. `base_quant` replaces W by
+    dequant(quant(W)) (QDoRA: DoRA trained on a quantised base).
+    """
+
+    a: TensorEntry  # lora_A (r, in)
+    b: TensorEntry  # lora_B (out, r)
+    magnitude: TensorEntry  # lora_magnitude_vector (out,)
+    scale: float
+    transpose: bool  # the base stores the weight (in, out) (fan_in_fan_out)
+    base: TensorEntry
+    base_quant: QuantSpec | None = None
+
+
+Operand = Dense | Factored | Dora | Tensors | TensorFactors
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,51 @@
+"""`spectra resize ADAPTER -o DIR`: a PEFT LoRA adapter → one with new per-module ranks, from its factors alone."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+import spectra
+from spectra import Options, RankRule
+
+from ..console import progress, user_errors
+from ..flags import options_flags
+from .extract import Budget, Dtype, Energy, JsonOut, Output, Overwrite, Rank, show
+
+
+@options_flags
+def resize(
+    adapter: Annotated[str, typer.Argument(help="a PEFT LoRA adapter folder")],
+    output: Output,
+    rank: Rank = None,
+    energy: Energy = None,
+    budget: Budget = None,
+    base: Annotated[
+        str | None, typer.Option(help="the base model: checks shapes and reports ‖ΔW‖/‖W‖ per module")
+    ] = None,
+    dtype: Dtype = None,
+    overwrite: Overwrite = False,
+    json_path: JsonOut = None,
+    *,
+    options: Options,
+) -> None:
+    """Change a LoRA adapter's ranks without retraining: each module's best approximation at its new rank.
+
+    Give one rank rule: --rank N, --rank auto, --energy TAU or --budget PARAMS. The user's adapter_config.json is
+    kept (target modules, dropout, task type, ...); only ranks and alphas change, each module keeping its scale.
+    DoRA, IA³ and LoKr adapters are refused.
+    """
+    with user_errors():
+        rule = RankRule.parse(rank, energy, budget)
+        result = spectra.resize(
+            adapter,
+            output,
+            rule,
+            options,
+            base=base,
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=progress("resize"),
+        )
+        show(result, json_path)
