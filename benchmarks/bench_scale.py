@@ -15,6 +15,8 @@ CPU contestants (--threads T, default 2 = the workers / actors):
          made twice: the first pays for the actors' start (a fresh Python importing torch and spectra per actor),
          the second too (actors are per run), so the pair shows how steady the overhead is.
   overhead per job = (ray run − local run) / jobs. Every child runs in a session of its own (see run_contestant).
+  The Ray child also times the engine's stream alone: seconds to the first result (the actors' start-up) and to
+  the last. `--size tiny` (254 matrices of at most 256×64, compute negligible) shows the executors' own costs.
 
 GPU contestants (--gpu; needs CUDA): gpu:1 = Options(devices=("cuda:0",)), gpu:all = Options() (every visible
 GPU, one worker each), ray:gpu = Options(executor="ray") on a local Ray (one actor per GPU). With a single GPU only
@@ -39,12 +41,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rank  # the data generator and the machine description
 
+# "tiny": 254 matrices of 64×64 to 256×64, whose compute is negligible: the executors' own cost per job shows
+SIZES = {**bench_rank.SIZES, "tiny": bench_rank.LlamaShape(64, 176, 36, 256, 4, 4, 2**30)}
 CPU_CONTESTANTS = ("local", "ray")
 GPU_CONTESTANTS = ("gpu:1", "gpu:all", "ray:gpu")
 
 
 def run_child(args: argparse.Namespace) -> int:
     """One contestant, in this (child) process: time analyze(), save the analysis, write the timings."""
+    if args.child == "generate":
+        where = Path(args.out) / args.size
+        bench_rank.generate_pair(SIZES[args.size], where, args.seed)
+        (where / "runs").mkdir(exist_ok=True)
+        (where / "runs" / "machine.json").write_text(json.dumps(bench_rank.machine()))
+        return 0
     from spectra import Options, analyze, save_analysis
 
     timings: dict[str, Any] = {}
@@ -73,9 +83,30 @@ def run_child(args: argparse.Namespace) -> int:
         runs.append(round(time.perf_counter() - started, 2))
     unchanged = sum(s.reason == "unchanged" for s in analysis.skipped)  # jobs whose ΔW was 0
     timings.update(runs_s=runs, device=analysis.device, n_jobs=len(analysis.layers) + unchanged)
+    if options.executor == "ray":
+        timings["first_result_s"], timings["stream_s"] = first_result(args.base, args.tuned, options)
     save_analysis(analysis, args.analysis_out)
     Path(args.timings_out).write_text(json.dumps(timings))
     return 0
+
+
+def first_result(base: str, tuned: str, options: Any) -> tuple[float, float]:
+    """(seconds to the first result, seconds to the last) of the engine's stream on the Ray executor: the first
+    pays for the actors' start-up, the rest is the steady cost."""
+    from spectra.engine import Values, run
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.pipeline import make_executor
+    from spectra.plan.dense import plan_pair
+
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        jobs = plan_pair(b, t, options).jobs
+    started = time.perf_counter()
+    stream = run(jobs, Values(options.precision), make_executor(options))
+    next(stream)
+    first = time.perf_counter() - started
+    for _ in stream:
+        pass
+    return round(first, 2), round(time.perf_counter() - started, 2)
 
 
 def run_contestant(name: str, base: Path, tuned: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -115,17 +146,18 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     reference = results[0]
     base_run = min(reference["runs_s"])
     lines = [
-        "| contestant | device | ray.init s | analyze s (each run) | child wall s | overhead per job ms "
-        "| rank@90 agree | max \\|Δσ\\|/σ₁ | load before/after |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| contestant | device | ray.init s | analyze s (each run) | first result s / stream s | child wall s "
+        "| overhead per job ms | rank@90 agree | max \\|Δσ\\|/σ₁ | load before/after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         agree, err = compare(r, reference)
         overhead = (min(r["runs_s"]) - base_run) / r["n_jobs"] * 1e3
         runs = " / ".join(f"{x:.1f}" for x in r["runs_s"])
         init = f"{r['ray_init_s']:.1f}" if "ray_init_s" in r else "-"
+        stream = f"{r['first_result_s']:.1f} / {r['stream_s']:.1f}" if "stream_s" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['device']} | {init} | {runs} | {r['child_wall_s']:.1f} | "
+            f"| {r['name']} | {r['device']} | {init} | {runs} | {stream} | {r['child_wall_s']:.1f} | "
             f"{'-' if r is reference else f'{overhead:+.0f}'} | {agree} | {err:.1e} | {r['load'][0]} / {r['load'][1]} |"
         )
     return lines
@@ -195,14 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         print("\n".join(estimate()))
         return 0
-    cfg = bench_rank.SIZES[args.size]
+    cfg = SIZES[args.size]
     where = Path(args.out) / args.size
     work = where / "runs"
     print(f"data: {where} ({args.size}: hidden {cfg.hidden}, {cfg.layers} layers)", file=sys.stderr)
     base, tuned = where / "base", where / "tuned"
-    generate = [sys.executable, bench_rank.__file__, "--child", "generate", "--size", args.size, "--out", args.out]
-    generate += ["--seed", str(args.seed), "--base", str(base), "--tuned", str(tuned)]
-    subprocess.run(generate, check=True)
+    generate = [sys.executable, __file__, "--child", "generate", "--size", args.size, "--out", args.out]
+    subprocess.run([*generate, "--seed", str(args.seed)], check=True)
     info = json.loads((work / "machine.json").read_text())
     info["warm_read_s"] = round(bench_rank.warm_cache(base, tuned), 2)
     names = args.only or (GPU_CONTESTANTS if args.gpu else CPU_CONTESTANTS)
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", choices=sorted(bench_rank.SIZES), default="1b", help="model shape (default 1b)")
+    p.add_argument("--size", choices=sorted(SIZES), default="1b", help="model shape (default 1b; tiny: overhead)")
     p.add_argument("--out", default="bench-data", help="folder for the generated checkpoints (default ./bench-data)")
     p.add_argument("--gpu", action="store_true", help="GPU contestants: cuda:0 alone, every GPU, Ray on GPUs")
     p.add_argument("--estimate", action="store_true", help="print the paper estimate for 7B/70B/405B pairs and exit")

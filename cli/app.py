@@ -23,7 +23,6 @@ from spectra import (
     save_analysis,
     write_adapter_config,
 )
-from spectra.lora.recommend import DEFAULT_RULE
 
 from . import display
 from .commands import compare as compare_command
@@ -127,7 +126,8 @@ def rank(
         summary_out = outputs.file(None if summary_json == STDOUT else summary_json, "--summary-json")
         html_out = outputs.file(html, "--html")
         journal = resume_journal(outputs, json_out or summary_out or html_out, resume)
-        say(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
+        reading = f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}"
+        say(reading, terminal_only=True)
         analysis = spectra.analyze(base_path, tuned_path, options, progress=progress("ΔW spectra"), journal=journal)
         if json_out is not None:
             save_analysis(analysis, outputs.stage(json_out))
@@ -184,7 +184,9 @@ def recommend(
     variant: Annotated[
         str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
     ] = "per-module",
-    rule: Annotated[str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")] = DEFAULT_RULE,
+    rule: Annotated[
+        str | None, typer.Option(help="rank rule: stable (default), gd, mp, energy (reconstructs ΔW)")
+    ] = None,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     outputs = spectra.Outputs([analysis_json])
@@ -201,7 +203,7 @@ def recommend(
             base_model=base_model or analysis.base_model_name,
             task_type=task,
             variant=variant,
-            rule=rule,
+            **({"rule": rule} if rule is not None else {}),
         )
         rec = spectra.recommend(analysis.layers, settings)
         if rec is None:

@@ -96,9 +96,12 @@ def setup_logging(verbose: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=stderr())])
 
 
-def say(message: str) -> None:
-    """One line on stderr (not markup: paths and keys are printed as they are)."""
-    stderr().print(escape(printable(message)))
+def say(message: str, *, terminal_only: bool = False) -> None:
+    """One line on stderr (not markup: paths and keys are printed as they are, control characters escaped);
+    `terminal_only` for progress-like lines, which piped stderr (scripts, logs) does without."""
+    console = stderr()
+    if console.is_terminal or not terminal_only:
+        console.print(escape(printable(message)))
 
 
 def _item_name(item: Any) -> str:

@@ -28,6 +28,7 @@ from spectra.compare.records import (
     Trajectory,
     TrajectoryPoint,
     TrajectorySettings,
+    record_to_json,
     save_record,
 )
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
@@ -157,6 +158,7 @@ __all__ = [
     "printable",
     "rank_use",
     "recommend",
+    "record_to_json",
     "resize",
     "save_analysis",
     "save_extraction",

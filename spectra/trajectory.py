@@ -277,7 +277,7 @@ def _similarities(
     for j in jobs:
         n_of[base_key(j)] += 1
     held: dict[str, dict[int, np.ndarray | None]] = {}
-    phi: list[dict[str, float]] = [{} for _ in range(len(paths) - 1)]
+    phi: list[dict[str, tuple[float, float]]] = [{} for _ in range(len(paths) - 1)]  # name -> (φ, chance k'/d)
     dims: dict[str, int] = {}
     for job, result in run(jobs, TopK(settings.top_k), executor, progress):
         key = base_key(job)
@@ -285,20 +285,25 @@ def _similarities(
         dims[key] = job.shape[1] if settings.side == "right" else job.shape[0]
         held.setdefault(key, {})[job.source] = vectors
         if len(held[key]) == n_of[key]:
-            for i, value in _consecutive(held.pop(key), len(paths)):
-                phi[i][key] = value
+            for i, value, k in _consecutive(held.pop(key), len(paths)):
+                phi[i][key] = value, min(k / dims[key], 1.0)
     kinds = module_kinds(list(dims))
-    out = []
     order = sorted(dims, key=lambda k: (reading_order(*kinds[k]), natural_key(k)))
+    out = []
     for i, found in enumerate(phi):
-        values = {key: found[key] for key in order if key in found}
-        by_kind: dict[str, list[float]] = {}
-        chance: dict[str, float] = {}
-        for key, value in values.items():
-            by_kind.setdefault(kinds[key][0], []).append(value)
-            chance[kinds[key][0]] = min(settings.top_k / dims[key], 1.0)
-        mean = {kind: float(np.mean(v)) for kind, v in by_kind.items()}
-        out.append(StepSimilarity(i, i + 1, settings.top_k, values, mean, chance))
+        by_kind: dict[str, list[tuple[float, float]]] = {}
+        for key in (k for k in order if k in found):
+            by_kind.setdefault(kinds[key][0], []).append(found[key])
+        out.append(
+            StepSimilarity(
+                a=i,
+                b=i + 1,
+                k=settings.top_k,
+                matrices={key: found[key][0] for key in order if key in found},
+                kinds={kind: float(np.mean([v for v, _ in values])) for kind, values in by_kind.items()},
+                chance={kind: float(np.mean([c for _, c in values])) for kind, values in by_kind.items()},
+            )
+        )
     return tuple(out)
 
 
@@ -306,13 +311,13 @@ def _side(f: Factors, side: str) -> np.ndarray:
     return f.vt.T if side == "right" else f.u
 
 
-def _consecutive(vectors: dict[int, np.ndarray | None], n: int) -> list[tuple[int, float]]:
-    """(i, φ(k', k')) for consecutive checkpoints i, i + 1 that both hold the matrix; k' = min(k, their ranks)."""
+def _consecutive(vectors: dict[int, np.ndarray | None], n: int) -> list[tuple[int, float, int]]:
+    """(i, φ(k', k'), k') for consecutive checkpoints i, i + 1 that both hold the matrix; k' = min(k, their ranks)."""
     out = []
     for i in range(n - 1):
         va, vb = vectors.get(i), vectors.get(i + 1)
         if va is None or vb is None:
             continue
         k = min(va.shape[1], vb.shape[1])
-        out.append((i, float(np.sum(np.square(va[:, :k].T @ vb[:, :k]))) / k))
+        out.append((i, float(np.sum(np.square(va[:, :k].T @ vb[:, :k]))) / k, k))
     return out

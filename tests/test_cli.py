@@ -44,7 +44,7 @@ def test_rank_prints_tables_to_stdout_and_writes_json(planted_pair: PairFactory,
     assert "rank@0.9" in result.stdout and "mlp.rank8" in result.stdout
     assert "names: model.layers.<layer>.<module>.weight" in result.stdout  # the elided prefix, said once
     assert "4 matrices: median rank@0.9" in result.stdout
-    assert result.stderr.splitlines()[0] == f"reading {base} and {tuned}"
+    assert "reading" not in result.stderr  # the progress-like first line is for terminals only
     assert f"wrote {out}" in result.stderr
     data = json.loads(out.read_text())
     assert data["format"] == "spectra.analysis/1" and len(data["layers"]) == 4
@@ -525,6 +525,6 @@ def test_progress_bar_counts_matrices(planted_pair: PairFactory) -> None:
     base, tuned, _ = planted_pair()
     result = runner.invoke(app, ["rank", str(base), str(tuned)], env={"TTY_COMPATIBLE": "1", "COLUMNS": "120"})
     assert result.exit_code == 0, result.output
-    assert result.stderr.splitlines()[0] == f"reading {base} and {tuned}"
+    assert result.stderr.splitlines()[0].startswith("reading ")  # on a terminal, what is read comes first
     assert "4/4" in result.stderr and "matrices" in result.stderr
     assert "model.layers." in result.stderr  # the matrix just done

@@ -255,6 +255,20 @@ def test_intruders_agree_with_peft_on_a_peft_model(tmp_path: Path) -> None:
         assert mc.diagonal[-1] == pytest.approx(1.0)  # the merged model and its adapter are the same update
 
 
+def test_directions_at_the_storage_rounding_floor_are_not_compared(tmp_path: Path) -> None:
+    """A rank-4 update merged into float32 weights reads as full rank (rounding noise ~1e-7·‖W‖); only the 4 real
+    directions are compared. A full-rank update far above the floor keeps all its directions."""
+    rng = np.random.default_rng(11)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    full = w + np.float32(0.01) * rng.standard_normal((32, 24)).astype(np.float32)
+    lora = w + (0.1 * rng.standard_normal((32, 4)) @ rng.standard_normal((4, 24))).astype(np.float32)
+    c = compare_finetunes(*triple(tmp_path, {name: w}, {name: full}, {name: lora}), CompareSettings(top_k=(12,)), CPU)
+    (mc,) = c.matrices
+    assert (mc.n_a, mc.n_b) == (24, 4) and mc.diagonal.size == 4  # all 24 directions of the full update
+    assert mc.amplification_b[4] is not None and mc.amplification_b[16] is None
+
+
 # ---------------------------------------------------------------- the record
 
 
@@ -275,7 +289,7 @@ def test_record_round_trips_and_renders(tmp_path: Path) -> None:
     c = compare_finetunes(*lora_vs_full(tmp_path), CompareSettings(top_k=(2, 8)), CPU, labels=("full", "lora"))
     assert isinstance(c, Comparison) and [k.kind for k in c.kinds] == ["q_proj", "down_proj"]
     assert all(mc.n_b == 4 for mc in c.matrices) and c.kinds[0].grid.shape == (8, 4)
-    assert any("rank ≤ 4" in n for n in c.notes)
+    assert any("at most 4 directions" in n for n in c.notes)
     path = save_record(c, tmp_path / "out" / "c.json")
     data = json.loads(path.read_text())
     assert data["format"] == "spectra.comparison/1" and len(data["matrices"]) == 6
@@ -314,6 +328,14 @@ def test_compare_command_prints_and_writes_the_record(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "φ(4,4)" in result.stdout and "q_proj" in result.stdout and "intruders" in result.stdout
     assert json.loads((out / "c.json").read_text())["labels"] == ["full", "lora"]
+
+
+def test_json_to_stdout_alone(tmp_path: Path) -> None:
+    base, a, b = lora_vs_full(tmp_path)
+    result = invoke("compare", base, a, b, "--top-k", "4", "--no-intruders", "--json", "-", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["format"] == "spectra.comparison/1" and data["matrices"][0]["intruders_a"] is None
 
 
 @pytest.mark.slow

@@ -190,8 +190,9 @@ def test_a_peft_model_gives_the_analysis_of_its_saved_adapter(tmp_path: Path) ->
     model.save_pretrained(tmp_path / "adapter")
     same_spectra(in_memory, analyze(None, tmp_path / "adapter"), relative=False)  # the file has no base
     q = model.base_model.model.model.layers[0].self_attn.q_proj
-    delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
-    relative = float(delta.norm() / q.base_layer.weight.norm())
+    with torch.no_grad():
+        delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
+        relative = float(delta.norm() / q.base_layer.weight.norm())
     assert in_memory.layers[0].relative_change == pytest.approx(relative, rel=1e-5)  # the model holds its base
     assert all(len(lm.s) == 6 for lm in in_memory.layers) and in_memory.tuned_info.format == "peft-model"
     assert in_memory.task_type == "CAUSAL_LM" and in_memory.recommendation is not None

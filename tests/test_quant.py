@@ -433,3 +433,22 @@ def test_a_peft_qlora_run_merged_16bit(tmp_path: Path) -> None:
         s = torch.linalg.svdvals(lora[lm.name]).numpy()
         assert abs(lm.rank - energy_rank(s, 0.9)) <= 1
         assert lm.frobenius_norm == pytest.approx(float(np.linalg.norm(s)), rel=max(lm.noise_fraction, 1e-3))
+
+
+def test_a_lora_adapter_ignores_the_flag_and_says_so(tmp_path: Path) -> None:
+    """ΔW = scale·B@A whatever the base: the factors are analysed as always, with a note (no bitsandbytes needed)."""
+    g = torch.Generator().manual_seed(8)
+    module = "model.layers.0.self_attn.q_proj"
+    save_file({f"{module}.weight": torch.randn(48, 40, generator=g)}, tmp_path / "base.safetensors")
+    (tmp_path / "adapter").mkdir()
+    factors = {"lora_A.weight": torch.randn(4, 40, generator=g), "lora_B.weight": torch.randn(48, 4, generator=g)}
+    save_file(
+        {f"base_model.model.{module}.{k}": v for k, v in factors.items()},
+        tmp_path / "adapter/adapter_model.safetensors",
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (tmp_path / "adapter/adapter_config.json").write_text(json.dumps(config))
+    analysis = analyze(tmp_path / "base.safetensors", tmp_path / "adapter", Options(base_quantization="nf4"))
+    assert [lm.rank for lm in analysis.layers] == [energy_rank(analysis.layers[0].s, 0.9)]
+    assert analysis.layers[0].method == "factored-f64"
+    assert any(n.startswith("--base-quantization has no effect on a LoRA adapter") for n in analysis.notes)

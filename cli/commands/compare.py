@@ -28,7 +28,10 @@ from ..outputs import wrote_all
 Labels = Annotated[
     list[str] | None, typer.Option("--label", help="a name per fine-tune in tables and plots (repeat, in order)")
 ]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="write the record (reloadable by `spectra report`)")]
+JsonOut = Annotated[
+    Path | None,
+    typer.Option("--json", help="write the record (reloadable by `spectra report`) to FILE, or - for stdout"),
+]
 HtmlOut = Annotated[Path | None, typer.Option("--html", help="write a self-contained HTML page")]
 
 
@@ -46,9 +49,13 @@ def parse_ints(flag: str, text: str) -> tuple[int, ...]:
         raise OptionsError(f"{flag} takes comma-separated integers like 16,64, got {text!r}") from None
 
 
+STDOUT = Path("-")
+
+
 def plan_outputs(outputs: spectra.Outputs, json_path: Path | None, html: Path | None) -> tuple[Path | None, ...]:
-    """The record's and the page's paths, refused before anything runs if one is an input or both are one file."""
-    return outputs.file(json_path, "--json"), outputs.file(html, "--html")
+    """The record's and the page's paths (None for `--json -`), refused before anything runs if one is an input or
+    both are one file."""
+    return outputs.file(None if json_path == STDOUT else json_path, "--json"), outputs.file(html, "--html")
 
 
 def write_outputs(
@@ -62,6 +69,16 @@ def write_outputs(
         spectra.write_record_report(record, outputs.stage(html))  # matplotlib loads only when a page is asked for
     if json_path is not None:
         spectra.save_record(record, outputs.stage(json_path))
+
+
+def show(
+    record: spectra.Comparison | spectra.Trajectory | SideBySide, json_path: Path | None, view: RenderableType
+) -> None:
+    """Tables to stdout, or the record's JSON alone with `--json -`."""
+    if json_path == STDOUT:
+        typer.echo(spectra.record_to_json(record))
+    else:
+        results().print(view)
 
 
 def _short(names: Sequence[str]) -> dict[str, str]:
@@ -176,7 +193,7 @@ def compare(
         )
         write_outputs(outputs, comparison, json_out, html_out)
     wrote_all(outputs)
-    results().print(comparison_view(comparison))
+    show(comparison, json_path, comparison_view(comparison))
 
 
 def side_by_side_view(record: SideBySide) -> RenderableType:
@@ -239,10 +256,10 @@ def rank_side_by_side(
         record = spectra.analyze_side_by_side(base, tuned, options, labels=labels, progress=progress("spectra"))
         write_outputs(outputs, record, json_out, html_out)
     wrote_all(outputs)
-    if tsv:
+    if tsv and json_path != STDOUT:
         typer.echo(side_by_side_tsv(record))
     else:
-        results().print(side_by_side_view(record))
+        show(record, json_path, side_by_side_view(record))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,14 +15,14 @@ from spectra import Options, OptionsError, Trajectory, TrajectorySettings
 from ..console import progress, user_errors
 from ..flags import options_flags
 from ..outputs import wrote_all
-from .compare import HtmlOut, JsonOut, Labels, parse_ints, plan_outputs, results, write_outputs
+from .compare import STDOUT, HtmlOut, JsonOut, Labels, parse_ints, plan_outputs, show, write_outputs
 
 CACHE_NAME = "spectra-cache"  # default cache folder, beside the first output
 
 
 def default_cache(json_path: Path | None, html: Path | None) -> Path | None:
     """`spectra-cache/` beside the --json output (else the --html one); None without outputs."""
-    out = json_path or html
+    out = json_path if json_path not in (None, STDOUT) else html
     return None if out is None else out.parent / CACHE_NAME
 
 
@@ -115,7 +115,7 @@ def trajectory(
         record = spectra.analyze_trajectory(base, found, settings, options, cache=folder, progress=progress("spectra"))
         write_outputs(outputs, record, json_out, html_out)
     wrote_all(outputs)
-    results().print(trajectory_view(record))
+    show(record, json_path, trajectory_view(record))
 
 
 def register(app: typer.Typer) -> None:

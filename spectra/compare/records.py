@@ -21,8 +21,6 @@ from spectra.io.store import (
     record_from_dict,
     record_to_dict,
     register_format,
-    save_analysis,
-    write_record,
 )
 from spectra.records import Analysis, GroupSummary, Options, Skipped, Summary
 
@@ -325,6 +323,17 @@ def side_by_side_from_dict(data: dict[str, Any]) -> SideBySide:
 Record = Analysis | Comparison | Trajectory | SideBySide
 
 
+def record_to_json(record: Record) -> str:
+    """The JSON text of any saved record (Analysis, Comparison, Trajectory, SideBySide), as `save_record` writes it."""
+    if isinstance(record, Analysis):
+        data = analysis_to_dict(record)
+    elif isinstance(record, SideBySide):
+        data = side_by_side_to_dict(record)
+    else:
+        data = record_to_dict(record, COMPARISON_FORMAT if isinstance(record, Comparison) else TRAJECTORY_FORMAT)
+    return json.dumps(data, indent=1, allow_nan=False)
+
+
 def save_record(record: Record, path: str | Path) -> Path:
     """Write any saved record (Analysis, Comparison, Trajectory, SideBySide) as JSON to `path` atomically.
 
@@ -333,12 +342,7 @@ def save_record(record: Record, path: str | Path) -> Path:
     Raises:
         SpectraError: the file cannot be written.
     """
-    if isinstance(record, Analysis):
-        return save_analysis(record, path)
-    if isinstance(record, SideBySide):
-        return write_atomic(Path(path), json.dumps(side_by_side_to_dict(record), indent=1, allow_nan=False))
-    fmt = COMPARISON_FORMAT if isinstance(record, Comparison) else TRAJECTORY_FORMAT
-    return write_record(record, fmt, path)
+    return write_atomic(Path(path), record_to_json(record))
 
 
 register_format(COMPARISON_FORMAT, comparison_from_dict)

@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Final
 
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 CHUNK_BYTES: Final = 512 * 2**20  # singular vectors held at once across the matrices of one chunk
 COMPLETE: Final = 1e-9  # ΔW's kept triplets are all of it when they hold ≥ (1 − COMPLETE)·‖ΔW‖_F²
+UNIT_ROUNDOFF: Final = {"f64": 2.0**-53, "f32": 2.0**-24, "bf16": 2.0**-8, "f16": 2.0**-11}
 
 
 @dataclass(slots=True)
@@ -307,7 +308,7 @@ def _collect(
             if isinstance(result, Skipped):
                 pair.unchanged[job.source] = True
             else:
-                pair.delta[job.source] = result
+                pair.delta[job.source] = above_rounding(result)
             if not settings.intruders and _both_in(pair):
                 finish(pair, None)
         elif tag == "tuned":
@@ -320,6 +321,29 @@ def _collect(
             finish(pair, None)
     matrices = tuple(done[k] for k in pairs if k in done)
     return matrices, _kinds(matrices, sums, settings), _notes(matrices, settings, labels)
+
+
+def rounding_floor(f: Factors) -> float:
+    """The σ at or below which a direction of a stored dense ΔW may be storage rounding alone (0 for factors).
+
+    bf16/f16 files: the top edge √(E_N/(m·n))·(√m + √n) of a random matrix holding the estimated rounding energy
+    E_N (Marchenko–Pastur). f32/f64 files: Weyl's bound ‖N‖₂ ≤ ‖N‖_F ≤ 2u(‖W_base‖_F + ‖ΔW‖_F), u the unit roundoff.
+    """
+    if f.method.startswith("factored"):
+        return 0.0
+    m, n = f.shape
+    if f.noise_energy > 0.0:
+        return math.sqrt(f.noise_energy / (m * n)) * (math.sqrt(m) + math.sqrt(n))
+    return 2.0 * UNIT_ROUNDOFF.get(f.dtype, 2.0**-24) * ((f.base_norm or 0.0) + math.sqrt(f.energy))
+
+
+def above_rounding(f: Factors) -> Factors:
+    """The triplets of `f` whose σ is above `rounding_floor(f)` (the others may be storage rounding, and a merged
+    LoRA's ΔW has nothing else beyond its rank); at least one is kept."""
+    keep = max(int(np.count_nonzero(f.s > rounding_floor(f))), 1)
+    if keep == len(f.s):
+        return f
+    return replace(f, u=f.u[:, :keep], s=f.s[:keep], vt=f.vt[:keep])
 
 
 def _both_in(pair: _Pair) -> bool:
@@ -435,7 +459,10 @@ def _notes(matrices: Sequence[MatrixComparison], settings: CompareSettings, labe
     k = max(settings.top_k)
     for label, n in ((labels[0], [mc.n_a for mc in matrices]), (labels[1], [mc.n_b for mc in matrices])):
         if max(n) < k:
-            notes.append(f"ΔW of {label} has rank ≤ {max(n)} < {k}: its φ grid and angles stop at {max(n)} vectors")
+            notes.append(
+                f"ΔW of {label} has at most {max(n)} directions above zero and the storage-rounding floor (< {k}): "
+                "its φ grid and principal angles stop there"
+            )
     if not settings.intruders:
         notes.append("intruder dimensions and amplification were not computed (intruders off)")
     elif any(mc.intruders_a is None or mc.intruders_b is None for mc in matrices):

@@ -113,6 +113,7 @@ class RayExecutor:
         actors = [worker.remote(gpu, threads, self.batch_bytes, self.materialize) for _ in range(n_actors)]
         self.label = f"ray:{n_actors}×{'cuda' if gpu else 'cpu'}"
         log.info("engine: %s, %d chunks of ≤ %d jobs, %s", self.label, len(chunks), max(map(len, chunks)), kernel)
+        finished = False
         try:
             pool = importlib.import_module("ray.util").ActorPool(actors)
             for chunk in chunks:
@@ -133,9 +134,12 @@ class RayExecutor:
                 yield from got
             if n_done != len(jobs):  # an actor was lost without an error (it should not happen)
                 raise SpectraError(f"the Ray cluster returned {n_done} of {len(jobs)} results; run again")
+            finished = True
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            if not finished:  # an error, or the caller stopped early: stop the chunks still running now
+                for actor in actors:
+                    ray.kill(actor)
+            actors.clear()  # done: the actors exit once no handle is left (gracefully, unlike ray.kill)
 
     def _placement(self, ray: Any) -> tuple[bool, int]:
         """(GPU actors?, number of actors) from the cluster's resources and this executor's settings."""

@@ -43,7 +43,8 @@ def _empty(message: str) -> Figure:
 
 
 def plot_similarity_grids(comparison: Comparison) -> Figure:
-    """Heatmaps of the mean φ(i, j) per module kind (i: vectors of A, j: of B), 0 to 1, chance level in the title."""
+    """Heatmaps of the mean φ(i, j) per module kind (i: vectors of A, j: of B), 0 to 1, the chance level's largest
+    value (at the far corner) in each title."""
     kinds = comparison.kinds
     fig, axes = _panels(len(kinds))
     image = None
@@ -53,8 +54,9 @@ def plot_similarity_grids(comparison: Comparison) -> Figure:
             np.ma.masked_invalid(kc.grid), origin="lower", vmin=0.0, vmax=1.0, cmap=colormaps["viridis"],
             extent=(0.5, b + 0.5, 0.5, a + 0.5), aspect="auto", interpolation="nearest",
         )  # fmt: skip
-        k = min(a, b)
-        ax.set_title(f"{kc.kind} (n={kc.n})\nchance at ({k},{k}): {k / kc.dim:.3f}", fontsize=9)
+        ax.set_title(
+            f"{kc.kind} (n={kc.n}, d={kc.dim})\nchance max(i, j)/d ≤ {min(max(a, b) / kc.dim, 1):.3f}", fontsize=9
+        )
         ax.set_xlabel(f"j: top vectors of {comparison.labels[1]}", fontsize=8)
         ax.set_ylabel(f"i: top vectors of {comparison.labels[0]}", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -163,10 +165,15 @@ def _x(trajectory: Trajectory) -> tuple[list[float], str]:
 
 
 def plot_rank_by_layer(trajectory: Trajectory) -> Figure:
-    """Rank@τ against block index, one panel per module kind, one line per checkpoint (Biderman et al. Fig. 6)."""
-    kinds = trajectory.kinds()
+    """Rank@τ against block index, one panel per module kind, one line per checkpoint (Biderman et al. Fig. 6).
+
+    Kinds outside the blocks (embeddings, heads) have no layer axis: they appear in the plots against step.
+    """
+    kinds = [
+        k for k in trajectory.kinds() if any(m.kind == k and m.layer is not None for m in trajectory.points[0].matrices)
+    ]
     if not kinds:
-        return _empty("no analysed matrices")
+        return _empty("no matrix inside a numbered block")
     fig, axes = _panels(len(kinds))
     cmap = colormaps["viridis"]
     n = len(trajectory.points)
@@ -181,7 +188,8 @@ def plot_rank_by_layer(trajectory: Trajectory) -> Figure:
         ax.set_ylabel(f"rank@{trajectory.options.threshold * 100:g}%", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
     return fig
 
 

@@ -24,7 +24,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, StrMethodFormatter
 
 from spectra.records import Analysis, LayerMetrics
 
@@ -243,6 +243,7 @@ def plot_kind_spectrum(runs: Runs, kind: str, colors: dict[str, str] | None = No
     ax.set_yscale("log")
     ax.set_ylim(max(min(low * 0.5, 0.1), LOG_FLOOR), 1.6)  # at least a decade: labelled major ticks only
     ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # singular value indices
     ax.set_xlim(0, longest + 0.5 if longest < 20 else longest * 1.02)
     if len(runs) > 1:  # the median rank of each run on a line of its own: panel titles must fit ~40 characters
         ax.set_title(text(f"{kind}\nmedian rank: {' · '.join(titles)}"), fontsize=FONT, loc="left")
