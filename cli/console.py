@@ -50,7 +50,8 @@ def user_errors(outputs: spectra.Outputs | None = None) -> Iterator[None]:
     SIGTERM) into one line saying what `outputs` holds, and exit 128 + the signal; a failed allocation into one line
     saying so (the address-space limit, when one is set)."""
     try:
-        yield
+        with spectra.interruptible():  # `run` holds signals elsewhere: here they can be cleaned up after and told
+            yield
     except OptionsError as exc:
         fail(str(exc), code=2)
     except SpectraError as exc:
@@ -79,12 +80,17 @@ def interrupted(outputs: spectra.Outputs | None) -> str:
 
 
 def run(command: Callable[[], object]) -> None:
-    """Run the command line: while it runs, SIGINT and SIGTERM raise KeyboardInterrupt once (so a command's cleanup
-    runs for both) and later ones are ignored, until the process exits: a second Ctrl-C cannot cut the cleanup
-    short (it once aborted the process with SIGABRT, threads still running)."""
+    """Run the command line: SIGINT and SIGTERM raise KeyboardInterrupt once, inside a command's `user_errors` (so
+    its cleanup runs for both and it says what was written); outside, while the parser runs or the results print,
+    they are held back (a Ctrl-C before the command starts reaches it as it starts; one after it ended is
+    dropped); later ones are ignored until the process exits: a second Ctrl-C cannot cut the cleanup short (it once
+    aborted the process with SIGABRT, threads still running)."""
     try:
-        with spectra.interrupts():
+        with spectra.interrupts(), spectra.held_signals():
             command()
+    except KeyboardInterrupt as exc:  # a command without user_errors
+        say_error("interrupted; no output was written")
+        raise SystemExit(interrupted_code(exc)) from None
     finally:
         ignore_signals()
 

@@ -94,18 +94,41 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+class _Loading:
+    """The SIGINT and SIGTERM handler while the modules load: the first signal is noted, and acted on once the
+    imports are done (raised in the middle of an import, it can land in a finalizer, where Python prints it as
+    'Exception ignored' and carries on); after `loaded`, a signal raises KeyboardInterrupt (Terminated)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.holding = True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.holding:
+            self.signum = self.signum or signum
+            return
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def loaded(self) -> None:
+        self.holding = False
+        if self.signum is not None:
+            raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main() -> None:
     """Run the `spectra` command line (sys.argv)."""
-    with contextlib.suppress(ValueError, OSError):
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _terminate)  # as Ctrl-C: one line, not a silent death
+    loading = _Loading()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
+                signal.signal(signum, loading)
     try:
-        from .app import main as run
-    except KeyboardInterrupt as exc:
+        try:
+            from .app import main as run
+        finally:
+            loading.loaded()
+        run()
+    except KeyboardInterrupt as exc:  # while the modules load (the command line handles its own)
         ignore_signals()
         say_error("interrupted; no output was written")
         raise SystemExit(interrupted_code(exc)) from None
@@ -115,4 +138,3 @@ def main() -> None:
             raise
         say_error(message)
         raise SystemExit(1) from None
-    run()

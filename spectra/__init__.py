@@ -32,7 +32,7 @@ from spectra.compare.records import (
     save_record,
 )
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
-from spectra.io.files import Interrupted, interrupts
+from spectra.io.files import Interrupted, held_signals, interruptible, interrupts
 from spectra.io.outputs import Outputs
 from spectra.io.store import load_analysis, load_record, save_analysis, save_summary, to_json
 from spectra.journal import Journal, journal_path
@@ -150,6 +150,8 @@ __all__ = [
     "compare_finetunes",
     "extract",
     "extraction_json",
+    "held_signals",
+    "interruptible",
     "interrupts",
     "journal_path",
     "kind_use",

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
+import spectra
 import spectra.engine.kernels
 import spectra.report.html
 from conftest import save_checkpoint
@@ -389,6 +390,48 @@ def test_a_new_file_in_an_input_folder_is_fine(inputs: dict[str, Path]) -> None:
     assert json.loads((inputs["folder"] / "analysis.json").read_text())["format"] == "spectra.analysis/1"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda i, t: ["compare", i["base"], i["tuned"], t / "b.safetensors", "--json", i["tuned"]],
+        lambda i, t: ["compare", i["base"], i["tuned"], t / "b.safetensors", "--html", i["base"]],
+        lambda i, t: ["trajectory", i["base"], i["tuned"], t / "b.safetensors", "--html", t / "b.safetensors"],
+        lambda i, t: ["rank", i["base"], i["tuned"], t / "b.safetensors", "--json", i["tuned"]],
+        lambda i, t: ["extract", i["base"], i["tuned"], "-o", i["base"].parent, "--rank", "2", "--overwrite"],
+        lambda i, t: ["extract", i["base"], i["tuned"], "-o", t / "ad", "--json", t / "ad" / "x.json", "--rank", "2"],
+        lambda i, t: ["resize", i["folder"], "-o", i["folder"], "--rank", "2", "--overwrite"],
+    ],
+)
+def test_every_command_refuses_an_output_that_is_an_input(
+    inputs: dict[str, Path], tmp_path: Path, command: Callable[[dict[str, Path], Path], list[object]]
+) -> None:
+    pair(tmp_path / "b", seed=1)
+    (tmp_path / "b" / "tuned.safetensors").rename(tmp_path / "b.safetensors")
+    before = digest(tmp_path)
+    one_line(invoke(*command(inputs, tmp_path)), 2)
+    assert digest(tmp_path) == before
+
+
+def test_extract_writes_the_adapter_and_its_json_together(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, record = tmp_path / "adapter", tmp_path / "adapter.json"
+    args = ["extract", inputs["base"], inputs["tuned"], "-o", out, "--json", record, "--rank", "2"]
+
+    def broken(result: object, path: object) -> None:
+        raise SpectraError("the summary cannot be written")
+
+    monkeypatch.setattr(spectra, "save_extraction", broken)
+    one_line(invoke(*args), 1, "summary")
+    assert not out.exists() and not record.exists()  # no adapter without its summary
+    monkeypatch.undo()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads(record.read_text())["out_dir"] == str(out)  # the folder's name, not the staged one's
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 # ------------------------------------------------------------------------------------------ 3. names are data
 
 HOSTILE = "model.layers.0.\x1b]0;owned\x07\x1b[2J<img src=x onerror=alert(1)>\tq\nproj.weight"
@@ -581,6 +624,57 @@ def test_an_interrupt_with_no_outputs_asked_for(tmp_path: Path, monkeypatch: pyt
     base, tuned = pair(tmp_path / "in")
     monkeypatch.setattr(spectra.engine.kernels.Values, "compute", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
     one_line(invoke("rank", base, tuned), 143, "interrupted; no output was written")
+
+
+def run_command_line(argv: list[object], monkeypatch: pytest.MonkeyPatch) -> int:
+    """spectra_cli.console.run(app) as the `spectra` executable runs it (its handlers restored afterwards)."""
+    from spectra_cli.app import app as command_line
+    from spectra_cli.console import run
+
+    monkeypatch.setattr(sys, "argv", ["spectra", *map(str, argv)])
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run(command_line)
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    return int(exited.value.code or 0)
+
+
+def test_a_signal_while_the_parser_runs_reaches_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import typer.main
+
+    base, tuned = pair(tmp_path / "in")
+    real = typer.main.get_command
+
+    def get_command(app: Any) -> Any:  # typer builds the click command: no handler of its own would catch it
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(app)
+
+    monkeypatch.setattr(typer.main, "get_command", get_command)
+    assert run_command_line(["rank", base, tuned, "--json", tmp_path / "a.json"], monkeypatch) == 143
+    assert messages(capfd.readouterr().err) == ["error: interrupted; no output was written"]
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_a_signal_after_the_command_finished_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import spectra_cli.outputs
+
+    base, tuned = pair(tmp_path / "in")
+    real = spectra_cli.outputs.wrote
+
+    def wrote(path: object) -> None:  # the outputs are in place; the results are being printed
+        os.kill(os.getpid(), signal.SIGINT)
+        real(path)
+
+    monkeypatch.setattr(spectra_cli.outputs, "wrote", wrote)
+    assert run_command_line(["rank", base, tuned, "--json", tmp_path / "a.json"], monkeypatch) == 0
+    assert "interrupted" not in capfd.readouterr().err and (tmp_path / "a.json").exists()
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -108,6 +108,42 @@ def critical() -> Iterator[None]:
     guard.release()
 
 
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs (under `interrupts()`), except inside `interruptible()`
+    sections, where one held back is raised at once; one still held when the block ends is dropped.
+
+    A command line holds signals from start-up to exit and lets them through where a command can clean up and say
+    so (its error handling): a Ctrl-C while the parser runs then reaches the command, not the parser's own handler.
+    """
+    guard = _active()
+    if guard is None:
+        yield
+        return
+    guard.depth += 1
+    try:
+        yield
+    finally:
+        guard.depth -= 1
+        if not guard.depth:
+            guard.pending = None
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Let SIGINT and SIGTERM through again inside `held_signals()` (a signal held back is raised here, first)."""
+    guard = _active()
+    if guard is None:
+        yield
+        return
+    depth, guard.depth = guard.depth, 0
+    try:
+        guard.release()
+        yield
+    finally:
+        guard.depth = depth
+
+
 def umask() -> int:
     """The process's umask (read without changing it where /proc allows; files get 0o666 & ~umask)."""
     with contextlib.suppress(OSError, ValueError):
