@@ -24,14 +24,13 @@ from spectra import (
     save_analysis,
     write_adapter_config,
 )
-from spectra.lora.recommend import DEFAULT_RULE
 
 from . import display
 from .commands import compare as compare_command
 from .commands import trajectory as trajectory_command
 from .commands.extract import extract as extract_command
 from .commands.resize import resize as resize_command
-from .console import progress, say, setup_logging, stdout, user_errors, wrote
+from .console import progress, say, setup_logging, status, stdout, user_errors, wrote
 from .flags import Verbose, options_flags
 
 app = typer.Typer(
@@ -121,7 +120,7 @@ def rank(
         if json_path == STDOUT and summary_json == STDOUT:
             raise OptionsError("--json - and --summary-json - would both write to stdout; give one a FILE")
         base_path, tuned_path = (base, tuned[0]) if tuned else (None, base)
-        say(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
+        status(f"reading {base_path} and {tuned_path}" if base_path is not None else f"reading adapter {tuned_path}")
         analysis = spectra.analyze(base_path, tuned_path, options, progress=progress("ΔW spectra"))
         if json_path is not None and json_path != STDOUT:
             wrote(save_analysis(analysis, json_path))
@@ -178,7 +177,9 @@ def recommend(
     variant: Annotated[
         str, typer.Option(help="the config to write: per-module (rank_pattern) or uniform (one r everywhere)")
     ] = "per-module",
-    rule: Annotated[str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")] = DEFAULT_RULE,
+    rule: Annotated[
+        str, typer.Option(help="rank rule: energy (reconstruction), gd, mp, stable")
+    ] = RecommendSettings().rule,
 ) -> None:
     """Recommend a LoRA configuration (rank, rank_pattern, alpha, target modules) that PEFT loads."""
     with user_errors():

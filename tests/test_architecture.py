@@ -153,7 +153,7 @@ import sys
 heavy = ("torch", "typer", "rich", "matplotlib", "jinja2", "transformers", "peft", "spectra_cli", "spectra_demo")
 import spectra
 print(sorted(m for m in heavy if m in sys.modules))
-lazy = ("analyze", "analyze_many", "write_report", "write_comparison_report")
+lazy = tuple(spectra._LAZY)  # imported on first use (torch, matplotlib)
 print([n for n in spectra.__all__ if n not in lazy and not hasattr(spectra, n)])
 from typer.testing import CliRunner
 import spectra_cli.app

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console, Group, RenderableType
@@ -15,7 +15,10 @@ from rich.table import Table
 from rich.text import Text
 
 import spectra
-from spectra import ExtractResult, Options, RankRule
+from spectra import Options
+
+if TYPE_CHECKING:
+    from spectra import ExtractResult  # lazy in spectra: loads torch, which `spectra --version` must not
 
 from ..console import progress, user_errors, wrote
 from ..flags import options_flags
@@ -62,7 +65,7 @@ def extract(
     adapter differs from TUNED by the predicted relative error √(1 − E(r)) per module (printed).
     """
     with user_errors():
-        rule = RankRule.parse(rank, energy, budget, None if from_config is None else str(from_config))
+        rule = spectra.RankRule.parse(rank, energy, budget, None if from_config is None else str(from_config))
         result = spectra.extract(
             base,
             tuned,

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import spectra
-from spectra import Options, RankRule
+from spectra import Options
 
 from ..console import progress, user_errors
 from ..flags import options_flags
@@ -37,7 +37,7 @@ def resize(
     DoRA, IA³ and LoKr adapters are refused.
     """
     with user_errors():
-        rule = RankRule.parse(rank, energy, budget)
+        rule = spectra.RankRule.parse(rank, energy, budget)  # lazy: spectra.RankRule loads torch
         result = spectra.resize(
             adapter,
             output,
