@@ -110,6 +110,14 @@ def say(message: str, *, terminal_only: bool = False) -> None:
         console.print(escape(printable(message)))
 
 
+def status(message: str) -> None:
+    """A line for a person watching, on a terminal only like the progress bar (piped stderr keeps an error to one
+    line): what is being read before the bar appears."""
+    console = stderr()
+    if console.is_terminal:
+        console.print(escape(printable(message)))
+
+
 def _item_name(item: Any) -> str:
     """The matrix a progress item is about: a record with a name, or a (job, result) pair."""
     if isinstance(item, tuple) and item:

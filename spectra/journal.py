@@ -32,7 +32,7 @@ import numpy as np
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.names import printable
-from spectra.records import Skipped, Spectrum
+from spectra.records import QuantProbe, Skipped, Spectrum
 
 if TYPE_CHECKING:
     from spectra.plan.jobs import Job
@@ -340,6 +340,13 @@ def _record(job: Job, result: Result) -> bytes:
                 "dtype": result.dtype,
                 "noise_energy": float(result.noise_energy),
                 "method": result.method,
+                "quant": None
+                if result.quant is None
+                else {
+                    "kind": result.quant.kind,
+                    "coefficient": float(result.quant.coefficient),
+                    "energy": float(result.quant.energy),
+                },
             }
         }
     return _line({"source": job.source, "name": job.name, **body})
@@ -384,6 +391,17 @@ def _decode(entry: Any, expected: dict[JobKey, tuple[int, int]]) -> tuple[JobKey
             dtype=spectrum["dtype"],
             noise_energy=float(spectrum["noise_energy"]),
             method=spectrum["method"],
+            quant=_quant_probe(spectrum.get("quant")),
         )
     except (KeyError, TypeError, ValueError, IndexError):
         return None
+
+
+def _quant_probe(entry: Any) -> QuantProbe | None:
+    """A journaled QuantProbe (the QLoRA detection of plan/quant.py), or None; a malformed one raises ValueError."""
+    if entry is None:
+        return None
+    kind, coefficient, energy = entry["kind"], entry["coefficient"], entry["energy"]
+    if not (isinstance(kind, str) and all(type(x) in (float, int) and math.isfinite(x) for x in (coefficient, energy))):
+        raise ValueError("malformed quant probe")
+    return QuantProbe(kind, float(coefficient), float(energy))

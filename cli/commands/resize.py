@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import spectra
-from spectra import Options, RankRule
+from spectra import Options
 
 from ..console import progress, user_errors
 from ..flags import options_flags
@@ -39,7 +39,7 @@ def resize(
     outputs = spectra.Outputs([adapter, base])
     with user_errors(outputs), outputs:
         folder, json_out = plan(outputs, output, overwrite, json_path)
-        rule = RankRule.parse(rank, energy, budget)
+        rule = spectra.RankRule.parse(rank, energy, budget)
         result = spectra.resize(
             adapter,
             outputs.stage(folder),

@@ -35,8 +35,8 @@ class RankRule:
 
     Attributes:
         rank: the same rank N ≥ 1 for every module (capped at min(m, n) and at the module's numerical rank).
-        auto: spectra's own recommendation (`spectra.lora.recommend`: the per-module allocation at the cost of
-            the uniform rank reaching 90% of the energy, capped at 256; kinds at the noise floor left out).
+        auto: spectra's own recommendation (`spectra.lora.recommend` with default RecommendSettings: ⌈stable
+            rank⌉ per module, below break-even, capped at 256; kinds at the noise floor left out).
         energy: per module, the smallest rank holding this share τ ∈ (0, 1] of its ‖ΔW‖_F².
         budget: a parameter budget P ≥ 1 spent globally in decreasing σ²/(m+n) order (`allocate_ranks`).
         from_config: an adapter_config.json (or its folder) whose r/rank_pattern give the ranks, as PEFT reads

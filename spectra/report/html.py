@@ -147,9 +147,7 @@ def headline(analysis: Analysis) -> tuple[_Stat, ...]:
     return (
         first,
         _Stat(f"median rank@{tau}", f"{o.median_rank:g}", f"max {o.max_rank} over {o.n} matrices"),
-        _Stat(
-            f"E(r = {ref})", f"{o.captured.get(ref, 0.0):.1%}", f"of ΔW's energy a rank-{ref} LoRA could hold at most"
-        ),
+        _Stat(f"E(r = {ref})", _pct(o.captured.get(ref, 0.0)), f"of ΔW's energy a rank-{ref} LoRA could hold at most"),
         _Stat("rank / random", f"{o.median_rank_ratio:.2f}", "median; 1 = as spread out as a random matrix"),
     )
 
