@@ -306,6 +306,15 @@ def test_float64_values_round_trip_exactly() -> None:
     assert _decode(json.loads(_record(entry, skipped)), {(0, "w"): (64, 48)}) == ((0, "w"), skipped)
 
 
+def test_every_spectrum_field_is_journaled() -> None:
+    """A field added to Spectrum must be journaled too, or a resumed analysis would differ from an uninterrupted one."""
+    import dataclasses
+
+    job = Job("w", (4, 3), Dense(None, None, 4))  # type: ignore[arg-type]
+    spectrum = Spectrum("w", (4, 3), np.array([2.0, 1.0]), 5.0, None, "f32", 0.0, "svd-f64")
+    assert set(json.loads(_record(job, spectrum))["spectrum"]) == {f.name for f in dataclasses.fields(Spectrum)}
+
+
 def test_the_journal_is_json_lines_never_pickle(pair: tuple[Path, Path], tmp_path: Path) -> None:
     path = tmp_path / "j"
     analyze(*pair, journal=Journal(path))
