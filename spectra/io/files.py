@@ -3,8 +3,10 @@
 `write_atomic` writes one file through a temp file and a rename. `interrupts()` makes SIGINT and SIGTERM raise
 `Interrupted` (a KeyboardInterrupt) in the main thread, once: cleanup code then runs on the way out (`finally`,
 `__exit__`) for both signals, and a second signal while it runs is ignored instead of interrupting the cleanup.
-`critical()` holds signals back while a few steps that must not be cut in two (renames, temp removal) run.
-spectra.io.outputs builds a run's set of outputs on these.
+`critical()` holds signals back while a few steps that must not be cut in two (renames, temp removal) run, and
+raises one that came meanwhile at its end; `held_signals()` holds them for a whole program except inside
+`interruptible()` sections (the command line: only a command's error handling sees them). spectra.io.outputs
+builds a run's set of outputs on these.
 """
 
 from __future__ import annotations
