@@ -117,8 +117,8 @@ def test_a_corrupt_tensor_fails_as_it_does_locally(tmp_path: Path) -> None:
     tuned["l2.weight"][7, 3] = float("nan")
     base_path, tuned_path = save_checkpoint(w, tmp_path / "b"), save_checkpoint(tuned, tmp_path / "t")
     out = tmp_path / "a.json"
-    local = invoke("rank", base_path, tuned_path, "--json", out, "--device", "cpu")
-    remote = invoke("rank", base_path, tuned_path, "--json", out, "--device", "cpu", "--executor", "ray")
+    local = invoke("rank", base_path, tuned_path, "--json", out, "--device", "cpu", "--no-resume")
+    remote = invoke("rank", base_path, tuned_path, "--json", out, "--device", "cpu", "--executor", "ray", "--no-resume")
     assert_clean_error(local, 1, "tuned tensor 'l2.weight'", "NaN/Inf")
     assert_clean_error(remote, 1)
     assert remote.stderr == local.stderr and not out.exists()
