@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import spectra
-from conftest import PairFactory, planted_matrix, save_checkpoint
+from conftest import PairFactory, planted_matrix, requires_cuda, save_checkpoint
 from spectra import ExtractResult, MismatchError, Options, OptionsError, RankRule, SpectraError
 from spectra.engine import Energy, LocalExecutor, TopK, run
 from spectra.io.checkpoint import open_checkpoint
@@ -477,3 +477,17 @@ def test_plan_is_the_rank_pair_plan(llama: Path) -> None:
     """extract pairs tensors exactly as `rank` does (the same planner): one job per 2-D weight."""
     with open_checkpoint(str(llama / "base")) as b, open_checkpoint(str(llama / "tuned")) as t:
         assert len(plan_pair(b, t, CPU).jobs) == 16
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_extraction_matches_cpu(llama: Path, tmp_path: Path) -> None:
+    """The same ranks and predicted errors on the GPU (stacked TopK with per-job k) as on the CPU; PEFT agrees."""
+    rule = RankRule(energy=0.8)
+    cpu = spectra.extract(llama / "base", llama / "tuned", tmp_path / "cpu", rule, CPU, dtype="fp32")
+    gpu = spectra.extract(llama / "base", llama / "tuned", tmp_path / "gpu", rule, Options(device="cuda"), dtype="fp32")
+    assert gpu.device.startswith("cuda")
+    for a, b in zip(cpu.modules, gpu.modules, strict=True):
+        assert (a.name, a.rank) == (b.name, b.rank) and b.error == pytest.approx(a.error, rel=1e-6, abs=1e-9)
+    check_round_trip(gpu, merged(transformers.LlamaForCausalLM, llama / "base", tmp_path / "gpu"),
+                     weights(llama / "base"), weights(llama / "tuned"))  # fmt: skip

@@ -116,7 +116,7 @@ def extract(
         left_out += [Skipped(base_name(j), "rank-0", rule.describe()) for j in dropped]
         kept = [j for j in changed if ranks[j.name] > 0]
         bias_of, bias_left = changed_biases(base_ck, tuned_ck, kept, biases)
-        left_out += bias_left + tensor_changes(base_ck, tuned_ck, kept)
+        left_out += bias_left + tensor_changes(base_ck, tuned_ck, kept, options)
         plan = [
             Target(j, base_name(j), ranks[j.name], is_embedding_layer(kinds[base_name(j)]), base_name(j) in conv1d)
             for j in kept

@@ -28,7 +28,7 @@ from spectra.engine.local import LocalExecutor
 from spectra.errors import SpectraError
 from spectra.io.files import write_atomic
 from spectra.lora.rules import RankRule
-from spectra.names import module_name, natural_key, printable
+from spectra.names import module_kinds, module_name, natural_key, printable, reading_order
 from spectra.peft.layout import ConfigReader
 from spectra.peft.write import ADAPTER_DTYPES, AdapterWriter, TensorSpec, lora_layout
 from spectra.plan.jobs import Job
@@ -105,7 +105,7 @@ class Target:
     """One module to write: its job, PEFT module name, rank and orientation, and the bias delta it carries."""
 
     job: Job
-    name: str  # base checkpoint key
+    name: str  # the adapted weight's key: PEFT module name + ".weight" (the base model's names)
     rank: int
     embedding: bool = False  # an nn.Embedding (PEFT's lora_embedding_A/B)
     transpose: bool = False  # a fan_in_fan_out layer (GPT-2's Conv1D), or an adapter stored transposed
@@ -136,7 +136,8 @@ def write_adapter(
     progress: ProgressHook,
 ) -> tuple[ModuleResult, ...]:
     """Compute each target's top-r triplets (TopK), split them into PEFT's factors and write them as they come;
-    returns the modules in natural name order. Nothing is left behind on an error.
+    returns the modules in reading order (embeddings, each block in execution order, heads). Nothing is left
+    behind on an error.
 
     Raises:
         SpectraError: the folder cannot be written, or an input changed between the passes.
@@ -162,7 +163,8 @@ def write_adapter(
             writer.write_factors(module_name(t.name), b, a, transpose=t.transpose and not t.embedding, bias=bias)
             modules.append(module)
             del result, b, a
-    return tuple(sorted(modules, key=lambda m: natural_key(m.name)))
+    kinds = module_kinds([m.name for m in modules])
+    return tuple(sorted(modules, key=lambda m: (reading_order(*kinds[m.name]), natural_key(m.name))))
 
 
 def _scale(reader: ConfigReader, module: str, rslora: bool) -> float:

@@ -18,7 +18,7 @@ from spectra.errors import CheckpointError, MismatchError, SpectraError
 from spectra.io.checkpoint import Checkpoint
 from spectra.lora.split import Target
 from spectra.names import is_embedding, module_kinds, module_name, natural_key
-from spectra.plan.dense import match_names, plan_pair
+from spectra.plan.dense import filter_reason, match_names, plan_pair
 from spectra.plan.jobs import Dense, Job
 from spectra.records import Options, Skipped
 
@@ -189,9 +189,10 @@ def with_biases(plan: Sequence[Target], bias_of: Mapping[str, torch.Tensor]) -> 
     return out
 
 
-def tensor_changes(base: Checkpoint, tuned: Checkpoint, kept: Sequence[Job]) -> list[Skipped]:
+def tensor_changes(base: Checkpoint, tuned: Checkpoint, kept: Sequence[Job], options: Options) -> list[Skipped]:
     """Left-outs for tensors outside 2-D module weights that changed (norms, biases of modules not adapted, N-D
-    weights): a LoRA adapter cannot carry them. Compared in row blocks, never whole."""
+    weights): a LoRA adapter cannot carry them. Tensors left out by include/exclude are not compared; the others
+    are compared in row blocks, never whole."""
     adapted = {_bias(base_name(j)) for j in kept}
     tuned_of = {b: t for t, b in match_names(set(base.entries), set(tuned.entries)).items()}
     out = []
@@ -199,8 +200,8 @@ def tensor_changes(base: Checkpoint, tuned: Checkpoint, kept: Sequence[Job]) -> 
         other = tuned.entries.get(tuned_of.get(name, ""))
         if len(entry.shape) == 2 or other is None or other.shape != entry.shape or not entry.is_float:
             continue
-        if name in adapted:
-            continue  # the bias of an adapted module: carried, or listed by changed_biases
+        if name in adapted or filter_reason(other.name, options) is not None:
+            continue  # the bias of an adapted module (carried, or listed by changed_biases), or excluded
         if _differs(base, tuned, name, other.name):
             what = "1-D tensor (norm or bias)" if len(entry.shape) == 1 else f"{len(entry.shape)}-D tensor"
             out.append(Skipped(name, "not-representable", f"{what} changed; LoRA adapts 2-D weights only"))
