@@ -294,7 +294,7 @@ def test_overwrite_without_atomic_exchange(tmp_path: Path, monkeypatch: pytest.M
     """Where renameat2(RENAME_EXCHANGE) is missing: old folder moved aside, new one renamed in, old one removed."""
     import spectra.peft.write
 
-    monkeypatch.setattr(spectra.peft.write, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(spectra.peft.write, "exchange", lambda a, b: False)
     layout = small_layout()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")

@@ -9,7 +9,6 @@ the output, which is renamed into place only when every tensor is there: an erro
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from spectra.errors import OptionsError, SpectraError
+from spectra.io.files import exchange
 from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, printable
 from spectra.peft.layout import LORA_KEY, ConfigReader, adapter_key, factor_shapes
 
@@ -274,7 +274,7 @@ class AdapterWriter:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.overwrite:
                 raise
-        if _exchange(tmp, self.folder):  # tmp now holds the old output
+        if exchange(tmp, self.folder):  # tmp now holds the old output
             shutil.rmtree(tmp, ignore_errors=True)
             return
         old = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.", suffix=".old"))
@@ -327,23 +327,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
