@@ -128,35 +128,61 @@ def merge_adapter(
             raise CheckpointError(
                 f"{lora.path}: not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
             )
+        if not base_ck.entries:
+            raise CheckpointError(f"{shown(base_ck.path)}: holds no tensors; pass the base model's weights")
         updates = _updates(base_ck, lora, _settings(lora))
         single = base_ck.format == "safetensors"
         outputs = Outputs(inputs=[base_ck.location, lora.location])
         target = _plan(outputs, out, [base_ck.location, lora.location], single, overwrite)
         with outputs:
             staged = outputs.stage(target)
-            files = _layouts(base_ck, out_dtype)
-            if not single:
-                staged.mkdir()
-                _copy_small_files(base_ck, staged, {e.file.name for e in base_ck.entries.values()}, out_dtype)
-            writers = {
-                file: TensorFile(staged if single else staged / file.name, layout, _metadata(file))
-                for file, layout in files.items()
-            }
             try:
-                for name in progress(sorted(base_ck.entries, key=natural_key)):
-                    entry = base_ck.entries[name]
-                    _write(base_ck, lora, entry, writers[entry.file], updates.get(name))
-                for writer in writers.values():
-                    writer.close()
+                _write_all(base_ck, lora, updates, staged, single, out_dtype, progress)
             except OSError as exc:
                 raise SpectraError(
-                    f"{shown(os.fspath(out))}: cannot write the merged model ({exc.strerror or exc})"
+                    f"{shown(os.fspath(out))}: cannot write the merged model ({exc.strerror or exc}); nothing was "
+                    "written"
                 ) from None
-            finally:
-                for writer in writers.values():
-                    writer.abort()
     merged = tuple(n for n in sorted(updates, key=natural_key) if updates[n].saved is None)
     return MergeResult(target, merged, len(base_ck.entries) - len(updates), time.perf_counter() - started)
+
+
+def _write_all(
+    base: Checkpoint,
+    lora: Checkpoint,
+    updates: dict[str, _Update],
+    staged: Path,
+    single: bool,
+    dtype: torch.dtype | None,
+    progress: ProgressHook,
+) -> None:
+    """Write every output file into `staged`: one safetensors file open at a time, its tensors in natural order.
+
+    Raises:
+        OSError: a file cannot be written (the caller names the output).
+    """
+    files = _layouts(base, dtype)
+    if not single:
+        staged.mkdir()
+        _copy_small_files(base, staged, {file.name for file in files}, dtype)
+    order = {file: i for i, file in enumerate(sorted(files, key=lambda f: natural_key(f.name)))}
+    names = sorted(base.entries, key=lambda n: (order[base.entries[n].file], natural_key(n)))
+    writer: TensorFile | None = None
+    current: Path | None = None  # the base file `writer` mirrors
+    try:
+        for name in progress(names):
+            entry = base.entries[name]
+            if writer is None or current != entry.file:
+                if writer is not None:
+                    writer.close()
+                path = staged if single else staged / entry.file.name
+                writer, current = TensorFile(path, files[entry.file], _metadata(entry.file)), entry.file
+            _write(base, lora, entry, writer, updates.get(name))
+        if writer is not None:
+            writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
 
 
 def _settings(lora: Checkpoint) -> LoraSettings:
