@@ -292,3 +292,26 @@ def test_refusals_leave_nothing_behind(llama: Path, tmp_path: Path) -> None:
     spectra.merge_adapter(llama, plain, tmp_path / "taken", overwrite=True)
     assert "x" not in os.listdir(tmp_path / "taken")
     assert not list(llama.glob(".*")) and json.loads((plain / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_dtype_updates_the_index_and_progress_sees_every_tensor(llama: Path, tmp_path: Path) -> None:
+    model = transformers.LlamaForCausalLM.from_pretrained(str(llama))
+    model.save_pretrained(str(tmp_path / "base"), max_shard_size="60KB")
+    adapter = trained(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), tmp_path / "a")
+    seen: list[str] = []
+
+    def progress(items: Any) -> Any:
+        for item in items:
+            seen.append(item)
+            yield item
+
+    spectra.merge_adapter(tmp_path / "base", adapter, tmp_path / "out", dtype="bf16", progress=progress)
+    got = tensors(tmp_path / "out")
+    assert sorted(seen) == sorted(got) and {t.dtype for t in got.values()} == {torch.bfloat16}
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in got.values())
+    assert (
+        index["weight_map"]
+        == json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    )
+    transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
