@@ -351,3 +351,28 @@ def test_module_names_with_a_prefix_the_base_lacks(llama: Path, tmp_path: Path) 
     assert got.keys() == base.keys() and result.merged[0] == "layers.0.self_attn.q_proj.weight"
     for key, tensor in got.items():
         torch.testing.assert_close(tensor, want["model." + key], rtol=2e-6, atol=2e-6)
+
+
+def test_other_adapters_and_a_failure_midway_leave_nothing(llama: Path, tmp_path: Path) -> None:
+    load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(llama))  # noqa: E731
+    peft.get_peft_model(load(), peft.IA3Config(target_modules=["v_proj"], feedforward_modules=[])).save_pretrained(
+        str(tmp_path / "ia3")
+    )
+    with pytest.raises(CheckpointError, match="IA3"):
+        spectra.merge_adapter(llama, tmp_path / "ia3", tmp_path / "out")
+    tokens = peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    trained(load(), tokens, tmp_path / "tokens")
+    with pytest.raises(CheckpointError, match="trainable token"):
+        spectra.merge_adapter(llama, tmp_path / "tokens", tmp_path / "out")
+    plain = trained(load(), peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "plain")
+
+    def failing(items: Any) -> Any:
+        for i, item in enumerate(items):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    for out in (tmp_path / "out", tmp_path / "deep" / "er" / "out"):
+        with pytest.raises(KeyboardInterrupt):
+            spectra.merge_adapter(llama, plain, out, progress=failing)
+    no_leftovers(tmp_path, {"ia3", "tokens", "plain"})
