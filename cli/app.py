@@ -26,6 +26,7 @@ from spectra import (
 
 from . import display
 from .commands import compare as compare_command
+from .commands import sweep as sweep_command
 from .commands import trajectory as trajectory_command
 from .commands.extract import extract as extract_command
 from .commands.resize import resize as resize_command
@@ -275,6 +276,7 @@ def demo(
 
 compare_command.register(app)
 trajectory_command.register(app)
+sweep_command.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,427 @@
+"""`sweep`: the task metric of LoRAs extracted from a full fine-tune at a ladder of sizes, and the smallest that
+keeps the gain.
+
+Points: the base and the full fine-tune (the references), one uniform rank per rung, one budgeted allocation per
+budget, and spectra's recommendation. The uniform rungs come from ONE extraction at the top rung, resized down
+(`spectra.lora.resize`: exact, the SVD of B·A truncated to r is ΔW's truncation to r); budgets and the
+recommendation use extract's own rules. Each LoRA is merged into a temporary copy of BASE (`merge_adapter`, BASE's
+form), evaluated, and the copy is deleted at once (a 7B merge is 14 GB). Evaluations are cached
+(`spectra.lora.evaluate`).
+
+Choice: g(p) = (m(p) − m_base) / (m_full − m_base) on the selection metric (the `select` evaluation if given,
+else the reported one); the point with the fewest LoRA parameters with g ≥ 1 − tolerance and no module at or
+above break-even (r·(m + n) ≥ m·n) is recommended; none if the full fine-tune does not beat the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from spectra.engine.executor import ProgressHook, identity
+from spectra.errors import OptionsError, SpectraError
+from spectra.io.checkpoint import open_checkpoint
+from spectra.io.outputs import Outputs
+from spectra.lora.evaluate import (
+    Candidate,
+    EvalCache,
+    EvaluationError,
+    Evaluator,
+    adapter_identity,
+    checkpoint_identity,
+    default_cache_dir,
+    save_sweep,
+)
+from spectra.lora.extract import extract
+from spectra.lora.resize import resize
+from spectra.lora.rules import RankRule
+from spectra.lora.split import ExtractResult, default_dtype
+from spectra.lora.targets import select as select_modules
+from spectra.peft.merge import merge_adapter
+from spectra.plan.jobs import Dense
+from spectra.records import DEFAULT_SWEEP_RANKS, Options, Sweep, SweepPoint, SweepSettings
+
+LORA_KINDS: Final = ("uniform", "budget", "recommendation")
+Evaluate = Evaluator | Callable[[Path], float]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def sweep(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    evaluate: Evaluate,
+    *,
+    settings: SweepSettings | None = None,
+    select: Evaluate | None = None,
+    options: Options | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    page: Callable[[Sweep], str] | None = None,
+    echo: Callable[[str], None] = _silent,
+    progress: ProgressHook = identity,
+) -> Sweep:
+    """Evaluate the base, the full fine-tune and LoRAs extracted from it at a ladder of sizes; recommend one.
+
+    Args:
+        base, tuned: full checkpoints as for `extract` (files, folders, shards, hub ids).
+        evaluate: the reported evaluation: a callable of the model path returning the metric, or an Evaluator
+            (`shell_evaluator(template)` for a command; cached when it has a key).
+        settings: ladder, budgets, tolerance, direction, cache, targets (SweepSettings()).
+        select: the evaluation the choice is made on (a validation split); None: `evaluate` (flatters it).
+        options: device, precision, include/exclude, threads, download, as for `extract`.
+        out_dir: write sweep.json, adapter/ (the chosen LoRA), adapters/ (with keep_adapters) and sweep.html
+            (with `page`) there, all or nothing; None: nothing is written.
+        overwrite: replace a non-empty `out_dir`.
+        page: renders the HTML page (spectra.sweep_html); None: no sweep.html.
+        echo: receives one progress line per step ("[3/9] r=4: extract 0.4 s, ... → 0.634 (92% of gain)").
+        progress: wraps each extraction pass's stream of matrices.
+
+    Raises:
+        OptionsError: bad settings; keep_adapters without out_dir; out_dir is an input or not empty.
+        CheckpointError, MismatchError: as `extract` (missing inputs, nothing pairs or changed).
+        EvaluationError: the base or the full fine-tune cannot be evaluated (with the output's last lines in
+            `.output`): without both references no point can be judged, so nothing else runs.
+    """
+    started = time.perf_counter()
+    settings = settings or SweepSettings()
+    if settings.keep_adapters and out_dir is None:
+        raise OptionsError("keep_adapters needs an output folder (out_dir; CLI: -o DIR)")
+    evaluators = (Evaluator.of(evaluate), None if select is None else Evaluator.of(select))
+    folder = (Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()) if settings.cache else None
+    run = _Run(os.fspath(base), os.fspath(tuned), settings, options or Options(), evaluators, EvalCache(folder))
+    run.echo, run.progress = echo, progress
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="spectra-sweep-") as work:
+            return run.sweep(Path(work), None, started)
+    outputs = Outputs([base, tuned])
+    target = outputs.folder(out_dir, "out_dir", overwrite=overwrite)
+    with outputs:
+        staged = outputs.stage(target)
+        staged.mkdir()
+        record = run.sweep(staged.parent / "work", staged, started)
+        save_sweep(record, staged / "sweep.json")
+        if page is not None:
+            (staged / "sweep.html").write_text(page(record), encoding="utf-8")
+    return record
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """One sweep's inputs and state while it runs."""
+
+    base: str
+    tuned: str
+    settings: SweepSettings
+    options: Options
+    evaluators: tuple[Evaluator, Evaluator | None]
+    cache: EvalCache
+    echo: Callable[[str], None] = _silent
+    progress: ProgressHook = identity
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    store: str = "fp32"
+    paths: tuple[Path, Path] = (Path(), Path())  # base, tuned as read (files or folders)
+    ids: tuple[str, str] = ("", "")
+    refs: tuple[list[float | None], list[float | None]] = ([], [])  # (test, select) of base and full
+    dense: int = 0
+    total_energy: float = 0.0
+    step: int = 0
+    n_steps: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def sweep(self, work: Path, out: Path | None, started: float) -> Sweep:
+        work.mkdir(parents=True, exist_ok=True)
+        self._inspect()
+        ranks = self._ladder()
+        s = self.settings
+        self.n_steps = 2 + len(ranks) + len(s.budgets) + int(s.recommendation)
+        points = [self._reference("base"), self._reference("full fine-tune")]
+        top = self._extract(work / "top", RankRule(rank=max(ranks)), "fp32")
+        self.dense = top.dense_params
+        self.total_energy = sum(m.energy for m in top.modules) + top.dropped_energy
+        points[1] = dataclasses.replace(points[1], lora_params=self.dense, dense_params=self.dense, params_share=1.0)
+        points[0] = dataclasses.replace(points[0], dense_params=self.dense)
+        self.echo(f"extracted the top rung once (r={max(ranks)}, {len(top.modules)} modules): {top.elapsed_s:.1f} s")
+        adapters: dict[str, Path] = {}
+        for r in ranks:
+            rule = RankRule(rank=r)
+            adapters[f"r={r}"] = work / "adapters" / f"r{r}"
+            points.append(self._lora(f"r={r}", "uniform", r, rule, adapters[f"r={r}"], work / "top"))
+        for b in s.budgets:
+            label, slug = (f"budget {100 * b:g}%", f"budget-{100 * b:g}pct") if b < 1 else (
+                f"budget {int(b):,}", f"budget-{int(b)}")  # fmt: skip
+            adapters[label] = work / "adapters" / slug
+            rule = RankRule(budget=max(1, round(b * self.dense)) if b < 1 else int(b))
+            points.append(self._lora(label, "budget", None, rule, adapters[label], None))
+        if s.recommendation:
+            adapters["recommendation"] = work / "adapters" / "recommendation"
+            rule = RankRule(auto=True)
+            points.append(self._lora("recommendation", "recommendation", None, rule, adapters["recommendation"], None))
+        chosen, reason = choose(points, s, self.evaluators[0].name, self.evaluators[1])
+        points = self._keep(points, chosen, adapters, out)
+        return Sweep(
+            base=self.base,
+            tuned=self.tuned,
+            options=self.options,
+            settings=s,
+            evaluator=self.evaluators[0].name,
+            select_evaluator=None if self.evaluators[1] is None else self.evaluators[1].name,
+            points=tuple(points),
+            chosen=chosen,
+            reason=reason,
+            notes=tuple(self.notes),
+            elapsed_s=time.perf_counter() - started,
+            version=_version(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    def _inspect(self) -> None:
+        """Shapes of the targeted modules (for break-even), the adapters' dtype, and the inputs' identities."""
+        s = self.settings
+        with contextlib.ExitStack() as stack:
+            cks = [
+                stack.enter_context(open_checkpoint(p, download=self.options.download)) for p in (self.base, self.tuned)
+            ]
+            jobs, _, _ = select_modules(cks[0], cks[1], self.options, s.include_embeddings, s.targets)
+            self.shapes = [j.shape for j in jobs]
+            self.store = default_dtype(j.operand.tuned.dtype_name for j in jobs if isinstance(j.operand, Dense))
+            self.paths = (cks[0].location, cks[1].location)
+            files = [[e.file for e in ck.entries.values()] for ck in cks]
+        self.ids = (checkpoint_identity(files[0]), checkpoint_identity(files[1]))
+
+    def _ladder(self) -> list[int]:
+        """The uniform rungs: the user's, or the default ones below break-even for some targeted module."""
+
+        def useful(r: int) -> bool:
+            return any(r * (m + n) < m * n for m, n in self.shapes)
+
+        if self.settings.ranks is not None:
+            above = [r for r in self.settings.ranks if not useful(r)]
+            if above:
+                self.notes.append(
+                    f"ranks {', '.join(map(str, above))} reach break-even (r·(m + n) ≥ m·n) for every targeted "
+                    "module: evaluated, but never chosen (such a LoRA costs at least the dense matrices)"
+                )
+            return list(self.settings.ranks)
+        ranks = [r for r in DEFAULT_SWEEP_RANKS if useful(r)] or [1]
+        if dropped := [r for r in DEFAULT_SWEEP_RANKS if r not in ranks]:
+            self.notes.append(
+                f"default rungs {', '.join(map(str, dropped))} left out: at those ranks every targeted module's "
+                "LoRA would cost at least its dense matrix (r·(m + n) ≥ m·n), which no LoRA is for"
+            )
+        return ranks
+
+    def _say(self, label: str, steps: str) -> None:
+        self.step += 1
+        self.echo(f"[{self.step}/{self.n_steps}] {label}: {steps}")
+
+    def _reference(self, label: str) -> SweepPoint:
+        """The base or the full fine-tune, evaluated as given (an EvaluationError ends the sweep)."""
+        full = label != "base"
+        candidate = Candidate(label, self.paths[full], None, self.paths[0], self.paths[1])
+        started = time.perf_counter()
+        metrics: list[float | None] = []
+        cached = True
+        for evaluator in self.evaluators:
+            if evaluator is None:
+                metrics.append(None)
+                continue
+            key = self.cache.key(evaluator, "checkpoint", self.ids[full])
+            value = self.cache.get(key)
+            if value is None:
+                cached = False
+                try:
+                    value = evaluator(candidate)
+                except EvaluationError as exc:
+                    self._say(label, f"evaluate → failed: {exc}")
+                    raise EvaluationError(
+                        f"{exc}. Without the {label}'s metric no point can be judged; nothing else was evaluated",
+                        exc.output,
+                    ) from None
+                self.cache.put(key, value, evaluator.name, label)
+            metrics.append(value)
+        self.refs[0].append(metrics[0])
+        self.refs[1].append(metrics[1])
+        seconds = time.perf_counter() - started
+        self._say(label, f"{'cached' if cached else f'evaluate {seconds:.1f} s'} → {_shown(metrics)}")
+        return SweepPoint(
+            label, "full" if full else "base", None, 0, 0.0, 0, 0, 0, 0, 0.0, float(full), 0,
+            metrics[0], metrics[1], float(full), float(full) if metrics[1] is not None else None,
+            None, None, seconds, cached,
+        )  # fmt: skip
+
+    def _extract(self, out: Path, rule: RankRule, dtype: str) -> ExtractResult:
+        s = self.settings
+        return extract(self.base, self.tuned, out, rule, self.options, dtype=dtype,
+                       include_embeddings=s.include_embeddings, targets=s.targets, progress=self.progress)  # fmt: skip
+
+    def _lora(self, label: str, kind: str, rank: int | None, rule: RankRule, out: Path, top: Path | None) -> SweepPoint:
+        """A LoRA point: extract (or resize `top`), merge, evaluate, delete the merge; failures are recorded."""
+        started = time.perf_counter()
+        try:
+            if top is not None:
+                options = dataclasses.replace(self.options, include=None, exclude=None)  # `top` holds the selection
+                result = resize(top, out, rule, options, dtype=self.store, progress=self.progress)
+            else:
+                result = self._extract(out, rule, self.store)
+        except SpectraError as exc:
+            self._say(label, f"extract → failed: {exc}")
+            return _failed(label, kind, rank, self.dense, f"extraction failed: {exc}", time.perf_counter() - started)
+        extracted = time.perf_counter() - started
+        ranks = [m.rank for m in result.modules]
+        kept = sum(m.captured * m.energy for m in result.modules) / self.total_energy if self.total_energy else 0.0
+        dense_modules = sum(m.rank * (m.shape[0] + m.shape[1]) >= m.shape[0] * m.shape[1] for m in result.modules)
+        metrics, timing, cached, error, output = self._measure(label, out)
+        gains = [_gain(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
+        select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
+        steps = f"extract {extracted:.1f} s, " + ("cached" if cached else timing)
+        self._say(label, f"{steps} → " + (f"failed: {error}" if error else _shown(metrics, gains)))
+        return SweepPoint(
+            label, kind, rank, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), result.params,
+            self.dense, result.params / self.dense if self.dense else 0.0, min(kept, 1.0), dense_modules,
+            metrics[0], metrics[1], gains[0], select_gain, error, output, time.perf_counter() - started, cached,
+        )  # fmt: skip
+
+    def _measure(self, label: str, adapter: Path) -> tuple[list[float | None], str, bool, str | None, str | None]:
+        """(metrics, "merge … s, evaluate … s", all cached, error, output tail): merged only when not cached."""
+        identity_ = adapter_identity(adapter) if self.cache.folder is not None else ""
+        keys = [None if e is None else self.cache.key(e, "lora", identity_, self.ids[0]) for e in self.evaluators]
+        metrics = [None if e is None else self.cache.get(k) for e, k in zip(self.evaluators, keys, strict=True)]
+        missing = [i for i, e in enumerate(self.evaluators) if e is not None and metrics[i] is None]
+        if not missing:
+            return metrics, "", True, None, None
+        merged_dir = adapter.parent.parent / "merged" / adapter.name
+        model = merged_dir / self.paths[0].name if self.paths[0].is_file() else merged_dir
+        started = time.perf_counter()
+        try:
+            merge_adapter(self.base, adapter, model, overwrite=True, download=self.options.download)
+        except SpectraError as exc:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            return metrics, "merge failed", False, f"merge failed: {exc}", None
+        merge_s, error, output = time.perf_counter() - started, None, None
+        candidate = Candidate(label, model, adapter, self.paths[0], self.paths[1])
+        try:
+            for i in missing:
+                evaluator = self.evaluators[i]
+                assert evaluator is not None
+                try:
+                    metrics[i] = evaluator(candidate)
+                except EvaluationError as exc:
+                    error, output = str(exc), exc.output
+                    break
+                self.cache.put(keys[i], metrics[i], evaluator.name, label)  # type: ignore[arg-type]
+        finally:
+            shutil.rmtree(merged_dir, ignore_errors=True)  # at once: a merged 7B model is 14 GB
+        timing = f"merge {merge_s:.1f} s, evaluate {time.perf_counter() - started - merge_s:.1f} s"
+        return metrics, timing, False, error, output
+
+    def _keep(
+        self, points: list[SweepPoint], chosen: str | None, adapters: dict[str, Path], out: Path | None
+    ) -> list[SweepPoint]:
+        """Move the chosen adapter to OUT/adapter (and every adapter to OUT/adapters/ with keep_adapters)."""
+        if out is None:
+            return points
+        kept = []
+        for p in points:
+            where = adapters.get(p.label)
+            if where is None or not where.is_dir():
+                kept.append(p)
+                continue
+            if p.label == chosen:
+                shutil.copytree(where, out / "adapter")
+            if self.settings.keep_adapters:
+                (out / "adapters").mkdir(exist_ok=True)
+                shutil.move(where, out / "adapters" / where.name)
+                p = dataclasses.replace(p, adapter=f"adapters/{where.name}")
+            elif p.label == chosen:
+                p = dataclasses.replace(p, adapter="adapter")
+            kept.append(p)
+        return kept
+
+
+def _gain(value: float | None, refs: Sequence[float | None]) -> float | None:
+    """(value − base) / (full − base); None when a value is missing or the references are equal."""
+    base, full = refs
+    if value is None or base is None or full is None or full == base:
+        return None
+    return (value - base) / (full - base)
+
+
+def _shown(metrics: Sequence[float | None], gains: Sequence[float | None] | None = None) -> str:
+    parts = []
+    for i, (name, value) in enumerate(zip(("", "select "), metrics, strict=True)):
+        if value is None:
+            continue
+        gain = None if gains is None else gains[i]
+        parts.append(f"{name}{value:.4g}" + ("" if gain is None else f" ({100 * gain:.0f}% of gain)"))
+    return ", ".join(parts)
+
+
+def _failed(label: str, kind: str, rank: int | None, dense: int, error: str, seconds: float) -> SweepPoint:
+    return SweepPoint(label, kind, rank, 0, 0.0, 0, 0, 0, dense, 0.0, 0.0, 0, None, None, None, None, error, None,
+                      seconds, False)  # fmt: skip
+
+
+def choose(
+    points: Sequence[SweepPoint], settings: SweepSettings, name: str, select: Evaluator | None
+) -> tuple[str | None, str]:
+    """(the label of the smallest LoRA point keeping 1 − tolerance of the gain, below break-even; or None) and the
+    one-sentence reason, with the numbers."""
+    on = name if select is None else select.name
+    base, full = points[0], points[1]
+
+    def value(p: SweepPoint) -> float | None:
+        return p.metric if select is None else p.select_metric
+
+    mb, mf = value(base), value(full)
+    assert mb is not None and mf is not None  # a failed reference ends the sweep before
+    better = mf < mb if settings.lower_is_better else mf > mb
+    direction = "lower" if settings.lower_is_better else "higher"
+    if not better:
+        return None, (
+            f"the full fine-tune does not beat the base on {on} ({mf:.4g} vs {mb:.4g}, {direction} is better): "
+            "there is no gain for a LoRA to keep, so nothing is recommended (is the direction right? "
+            "see lower_is_better / --lower-is-better)"
+        )
+    need = 1.0 - settings.tolerance
+    loras = [p for p in points if p.kind in LORA_KINDS and p.ok and p.select_gain is not None and not p.dense_modules]
+    fits = [p for p in loras if p.select_gain is not None and p.select_gain >= need - 1e-12]
+    refs = f"base {mb:.4g}, full fine-tune {mf:.4g}"
+    if not fits:
+        if not loras:
+            return None, f"no LoRA point below break-even could be evaluated ({refs}); nothing is recommended"
+        best = max(loras, key=lambda p: p.select_gain or 0.0)
+        return None, (
+            f"no LoRA point below break-even keeps {100 * need:.0f}% of the full fine-tune's gain on {on} ({refs}); "
+            f"the best, {best.label}, keeps {100 * (best.select_gain or 0.0):.1f}% with {100 * best.params_share:.1f}% "
+            "of the dense parameters: fine-tune these modules fully, or accept the loss with a larger tolerance"
+        )
+    pick = min(fits, key=lambda p: (p.lora_params, -(p.select_gain or 0.0)))
+    metric = value(pick)
+    assert metric is not None and pick.select_gain is not None
+    reported = "" if select is None or pick.gain is None else f"; on {name} it keeps {100 * pick.gain:.1f}%"
+    return pick.label, (
+        f"{pick.label} keeps {100 * pick.select_gain:.1f}% of the full fine-tune's gain on {on} ({metric:.4g}; {refs}) "
+        f"with {pick.lora_params:,} LoRA parameters ({100 * pick.params_share:.1f}% of the dense matrices): the "
+        f"smallest point within the tolerance of {100 * settings.tolerance:g}%{reported}"
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("spectra-lm")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
