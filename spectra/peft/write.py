@@ -26,13 +26,15 @@ import torch
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.io.files import exchange
+from spectra.io.header import DTYPES
 from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, printable
 from spectra.peft.layout import LORA_KEY, ConfigReader, adapter_key, factor_shapes
 
 log = logging.getLogger(__name__)
 
 ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # adapters
+CODES = {dtype: code for code, (dtype, _) in DTYPES.items()}  # every dtype a safetensors file can hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +78,20 @@ def lora_layout(
     return tuple(specs)
 
 
-def _header(layout: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The safetensors header (padded to 8 bytes, as safetensors does) and key -> (data offset, nbytes).
+def _header(
+    layout: Sequence[TensorSpec], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The safetensors header (padded to 8 bytes, as safetensors does) and key -> (data offset, nbytes); `metadata`
+    None writes no __metadata__.
 
     Tensors are laid out by decreasing element size, then key, so every tensor's data is aligned to its dtype."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **metadata}}
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(metadata)}
     places: dict[str, tuple[int, int]] = {}
     offset = 0
     for spec in sorted(layout, key=lambda s: (-s.dtype.itemsize, s.key)):
         nbytes = math.prod(spec.shape) * spec.dtype.itemsize
         header[spec.key] = {
-            "dtype": _CODES[spec.dtype],
+            "dtype": CODES[spec.dtype],
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + nbytes],
         }
@@ -95,6 +100,108 @@ def _header(layout: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text, places
+
+
+class TensorFile:
+    """One safetensors file written streaming: the header first (the layout is known), then each tensor of the
+    layout once, in any order, at its offset; memory holds the tensor being written. `close` checks that every
+    tensor was written and syncs the file; `abort` just closes it (the caller removes its temporary folder).
+
+    Args:
+        path: the file to create (it must not exist).
+        layout: every tensor of the file (any dtype of spectra.io.header.DTYPES).
+        metadata: the header's __metadata__ (strings), or None for none.
+
+    Raises:
+        OSError: the file cannot be created or written (the caller names the output).
+        ValueError: a tensor named twice, or a dtype safetensors cannot store.
+    """
+
+    def __init__(self, path: Path, layout: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> None:
+        self.path = path
+        self.specs = {spec.key: spec for spec in layout}
+        if len(self.specs) != len(layout):
+            raise ValueError("the layout names a tensor twice")
+        if bad := [s.key for s in layout if s.dtype not in CODES]:
+            raise ValueError(f"{bad[0]!r}: a dtype safetensors cannot store")
+        header, self._places = _header(layout, metadata)
+        self._base = len(header)
+        self.written: set[str] = set()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _pwrite(self._fd, header, 0)
+            os.ftruncate(self._fd, self._base + sum(n for _, n in self._places.values()))
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def check(self, key: str, shape: tuple[int, ...]) -> TensorSpec:
+        """The layout's spec of `key`, checked writable with this shape.
+
+        Raises:
+            ValueError: a key not in the layout or already written, a closed file, or another shape.
+        """
+        spec = self.specs.get(key)
+        if spec is None or key in self.written or self._fd is None:
+            why = "is not in the layout" if spec is None else "was written already" if self._fd else "writer closed"
+            raise ValueError(f"{key!r} {why}")
+        if shape != spec.shape:
+            raise ValueError(f"{key!r}: shape {shape}, the layout says {spec.shape}")
+        return spec
+
+    def write(self, key: str, tensor: torch.Tensor, *, finite: bool = True) -> None:
+        """Store one tensor of the layout, converted to the layout's dtype.
+
+        Raises:
+            SpectraError: `finite` and the converted values are not all finite (fp16 overflow).
+            ValueError: as `check`.
+            OSError: the file cannot be written.
+        """
+        spec = self.check(key, tuple(tensor.shape))
+        data = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous()
+        if finite and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            raise SpectraError(f"{printable(key)}: values are not finite in {spec.dtype} (NaN, or too large for it)")
+        self.write_bytes(key, data.reshape(-1).view(torch.uint8).numpy().data)
+
+    def write_bytes(self, key: str, data: bytes | memoryview, at: int = 0, last: bool = True) -> None:
+        """Store raw bytes of tensor `key` (its stored encoding) at byte `at` of its data; `last` marks it written.
+
+        Raises:
+            ValueError: bytes beyond the tensor's data, or a key not writable.
+            OSError: the file cannot be written.
+        """
+        spec = self.specs.get(key)
+        offset, nbytes = self._places.get(key, (0, -1))
+        if spec is None or key in self.written or self._fd is None or at + len(data) > nbytes:
+            raise ValueError(f"{key!r}: {len(data)} bytes at {at} do not fit the layout, or it is not writable")
+        _pwrite(self._fd, data, self._base + offset + at)
+        if last:
+            self.written.add(key)
+
+    def close(self) -> None:
+        """Sync and close the file once every tensor is written.
+
+        Raises:
+            ValueError: some tensor of the layout was never written.
+            OSError: the file cannot be synced.
+        """
+        if missing := sorted(self.specs.keys() - self.written):
+            raise ValueError(f"{len(missing)} tensors of the layout were never written, e.g. {missing[0]!r}")
+        if self._fd is None:
+            raise ValueError("the writer was closed")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+
+    def abort(self) -> None:
+        """Close the file, finished or not."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _check_layout(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> None:
@@ -151,19 +258,15 @@ class AdapterWriter:
             raise ValueError("the layout names a tensor twice")
         _check_layout(config, self._specs)
         self._config = json.dumps(config, indent=2, allow_nan=False) + "\n"
-        header, self._places = _header(layout, metadata or {})
-        self._base = len(header)
-        self._written: set[str] = set()
+        self._metadata = {"format": "pt", **(metadata or {})}
         self._check_target()
         self._tmp: Path | None = None
-        self._fd: int | None = None
+        self._file: TensorFile | None = None
         try:
             self.folder.parent.mkdir(parents=True, exist_ok=True)
             self._tmp = Path(tempfile.mkdtemp(dir=self.folder.parent, prefix=f".{self.folder.name}.", suffix=".tmp"))
             os.chmod(self._tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-            self._fd = os.open(self._tmp / ADAPTER_WEIGHTS, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            _pwrite(self._fd, header, 0)
-            os.ftruncate(self._fd, self._base + sum(n for _, n in self._places.values()))
+            self._file = TensorFile(self._tmp / ADAPTER_WEIGHTS, layout, self._metadata)
         except OSError as exc:
             self.abort()
             raise self._error(exc) from None
@@ -192,26 +295,16 @@ class AdapterWriter:
             SpectraError: the values overflow the layout's dtype (fp16: |x| > 65504), or the file cannot be written.
             ValueError: a key not in the layout or already written, or a shape other than the layout's.
         """
-        spec = self._specs.get(key)
-        if spec is None or key in self._written or self._fd is None:
-            why = "is not in the layout" if spec is None else "was written already" if self._fd else "writer closed"
-            raise ValueError(f"{key!r} {why}")
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"{key!r}: shape {tuple(tensor.shape)}, the layout says {spec.shape}")
-        data = tensor.detach().to(device="cpu", dtype=spec.dtype).contiguous()
-        if not bool(torch.isfinite(data).all()):
-            self.abort()
-            raise SpectraError(
-                f"{printable(key)}: values are not finite in {spec.dtype} (NaN, or too large for it); "
-                "write the adapter in fp32 or bf16"
-            )
-        offset, _ = self._places[key]
+        if self._file is None:
+            raise ValueError(f"{key!r} writer closed")
         try:
-            _pwrite(self._fd, data.reshape(-1).view(torch.uint8).numpy().data, self._base + offset)
+            self._file.write(key, tensor)
         except OSError as exc:
             self.abort()
             raise self._error(exc) from None
-        self._written.add(key)
+        except SpectraError as exc:
+            self.abort()
+            raise SpectraError(f"{exc}; write the adapter in fp32 or bf16") from None
 
     def write_factors(
         self,
@@ -241,13 +334,9 @@ class AdapterWriter:
             ValueError: some tensor of the layout was never written.
         """
         try:
-            if missing := sorted(self._specs.keys() - self._written):
-                raise ValueError(f"{len(missing)} tensors of the layout were never written, e.g. {missing[0]!r}")
-            if self._fd is None or self._tmp is None:
+            if self._file is None or self._tmp is None:
                 raise ValueError("the writer was closed")
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+            self._file.close()
             with open(self._tmp / ADAPTER_CONFIG, "w", encoding="utf-8") as fh:
                 fh.write(self._config)
                 fh.flush()
@@ -289,9 +378,9 @@ class AdapterWriter:
 
     def abort(self) -> None:
         """Remove the temporary folder and everything written; the output folder is left as it was."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
