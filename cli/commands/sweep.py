@@ -76,8 +76,8 @@ def sweep(
                                    out_dir=outputs.stage(folder), overwrite=True, page=spectra.sweep_html,
                                    echo=say, progress=progress("extract"))  # fmt: skip
         except spectra.EvaluationError as exc:
-            if exc.output:
-                say(exc.output)
+            for line in (exc.output or "").splitlines():
+                say(line)
             raise
     wrote_all(outputs)
     stdout().print(sweep_view(record))

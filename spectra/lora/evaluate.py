@@ -106,7 +106,7 @@ class Evaluator:
             raise EvaluationError(f"{candidate.label}: {self.name} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise EvaluationError(f"{candidate.label}: {self.name} returned {value!r}, not a finite number")
-        return float(value)
+        return float(value) + 0.0  # -0.0 prints as "-0"
 
 
 def check_template(template: str) -> None:
@@ -194,7 +194,7 @@ def run_command(command: str, label: str, timeout: float | None) -> float:
             f"{label}: the evaluation printed nothing on stdout; its last line must be the metric: {command}", tail
         )
     try:
-        value = float(lines[-1])
+        value = float(lines[-1]) + 0.0
     except ValueError:
         value = math.nan
     if not math.isfinite(value):

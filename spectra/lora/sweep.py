@@ -135,7 +135,7 @@ class _Run:
     store: str = "fp32"
     paths: tuple[Path, Path] = (Path(), Path())  # base, tuned as read (files or folders)
     ids: tuple[str, str] = ("", "")
-    refs: tuple[list[float | None], list[float | None]] = ([], [])  # (test, select) of base and full
+    refs: tuple[list[float | None], list[float | None]] = dataclasses.field(default_factory=lambda: ([], []))
     dense: int = 0
     total_energy: float = 0.0
     step: int = 0
@@ -170,6 +170,12 @@ class _Run:
             adapters["recommendation"] = work / "adapters" / "recommendation"
             rule = RankRule(auto=True)
             points.append(self._lora("recommendation", "recommendation", None, rule, adapters["recommendation"], None))
+        if self.evaluators[1] is None:
+            self.notes.append(
+                "the choice was made on the reported evaluation itself, which flatters it (the best of several "
+                "noisy points looks better than it is); give a separate selection evaluation (select=, CLI: "
+                "--eval-select on a validation split) to report an unbiased metric"
+            )
         chosen, reason = choose(points, s, self.evaluators[0].name, self.evaluators[1])
         points = self._keep(points, chosen, adapters, out)
         return Sweep(
