@@ -69,8 +69,8 @@ def test_points_gain_energy_and_choice_match_eckart_young(pair, tmp_path: Path) 
     tolerance = 1 - (gain[8] + gain[4]) / 2
     assert gain[4] < 1 - tolerance <= gain[8]
     out = tmp_path / "out"
-    record = spectra.sweep(base, tuned, fake(base, tuned), settings=settings(tmp_path, ranks=ranks, tolerance=tolerance),
-                           out_dir=out, page=spectra.sweep_html)  # fmt: skip
+    s = settings(tmp_path, ranks=ranks, tolerance=tolerance)
+    record = spectra.sweep(base, tuned, fake(base, tuned), settings=s, out_dir=out, page=spectra.sweep_html)
     assert [p.label for p in record.points] == ["base", "full fine-tune", *(f"r={r}" for r in ranks)]
     assert record.point("base").metric == pytest.approx(-1.0)
     assert record.point("full fine-tune").metric == pytest.approx(0.0, abs=1e-7)
@@ -125,7 +125,7 @@ def test_default_ladder_stops_below_break_even_and_user_ranks_above_are_never_ch
 
 
 def test_budgets_and_recommendation_use_extracts_rules(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    base, tuned, energy = pair
+    base, tuned, _ = pair
     s = settings(tmp_path, ranks=(4,), budgets=(0.05, 3000), recommendation=True, tolerance=0.99, keep_adapters=True)
     record = spectra.sweep(base, tuned, fake(base, tuned), settings=s, out_dir=tmp_path / "o")
     dense = 4 * SHAPE[0] * SHAPE[1]
@@ -167,7 +167,7 @@ def test_the_choice_follows_the_selection_metric(pair, tmp_path: Path) -> None: 
     p = record.point("r=8")
     assert p.select_gain == pytest.approx(gain[8], rel=1e-4)
     assert p.gain == pytest.approx(energy[8], rel=1e-4)  # 1 − (1 − E): the reported metric's own gain
-    assert "on test it keeps" in record.reason and not any("flatters" in n for n in record.notes)
+    assert "on the reported metric it keeps" in record.reason and not any("flatters" in n for n in record.notes)
 
 
 def test_cache_second_run_evaluates_nothing(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -189,7 +189,8 @@ def test_cache_second_run_evaluates_nothing(pair, tmp_path: Path) -> None:  # ty
     assert all(p.cached for p in second.points)
     strip = {"seconds": 0.0, "cached": False}
     assert [dataclasses.replace(p, **strip) for p in first.points] == [  # type: ignore[arg-type]
-        dataclasses.replace(p, **strip) for p in second.points  # type: ignore[arg-type]
+        dataclasses.replace(p, **strip)
+        for p in second.points  # type: ignore[arg-type]
     ]
     assert first.chosen == second.chosen and first.reason == second.reason
     # another command (or timeout) is another key
@@ -222,7 +223,7 @@ def test_a_failing_base_stops_the_sweep_and_writes_nothing(pair, tmp_path: Path)
             raise ValueError("cannot load")
         return 0.0
 
-    with pytest.raises(EvaluationError, match="base: .*cannot load.*no point can be judged"):
+    with pytest.raises(EvaluationError, match=r"base: .*cannot load.*no point can be judged"):
         spectra.sweep(base, tuned, Evaluator("e", evaluate), settings=settings(tmp_path), out_dir=tmp_path / "out")
     assert calls == ["base"] and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -247,7 +248,7 @@ def test_settings_are_validated() -> None:
 
 
 def candidate(tmp_path: Path, adapter: bool = True) -> Candidate:
-    odd = tmp_path / "a b" / "it's \"quoted\" $HOME;"
+    odd = tmp_path / "a b" / 'it\'s "quoted" $HOME;'
     return Candidate("r=4", odd / "model.safetensors", odd / "adapter" if adapter else None, odd / "b", odd / "t")
 
 
@@ -308,6 +309,6 @@ def test_timeout_kills_the_command_and_its_children(tmp_path: Path) -> None:
     import time
 
     started = time.perf_counter()
-    with pytest.raises(EvaluationError, match="did not finish within 0.5 s"):
+    with pytest.raises(EvaluationError, match=r"did not finish within 0\.5 s"):
         shell_evaluator("echo started; sleep 30 & sleep 30; echo {model}", timeout=0.5)(candidate(tmp_path))
     assert time.perf_counter() - started < 10

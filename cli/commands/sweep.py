@@ -96,7 +96,7 @@ def sweep_view(s: Sweep) -> RenderableType:
     selecting = s.select_evaluator is not None
     table = Table(title=f"sweep of {escape(printable(s.tuned))} against {escape(printable(s.base))}",
                   title_justify="left")  # fmt: skip
-    columns = ["point", "ranks", "LoRA params", "% dense", "energy kept", "metric", "gain"]
+    columns = ["point", "ranks", "modules", "LoRA params", "% dense", "energy kept", "metric", "gain"]
     columns += ["select", "select gain"] if selecting else []
     for col in (*columns, "s", "note"):
         table.add_column(col, justify="left" if col in ("point", "note") else "right", overflow="fold")
@@ -108,11 +108,11 @@ def sweep_view(s: Sweep) -> RenderableType:
             note = f"failed: {p.error}"
         elif p.dense_modules:
             note = f"{p.dense_modules} modules ≥ break-even: not chosen"
-        row = [("★ " if p.label == s.chosen else "") + p.label, ranks, f"{p.lora_params:,}", _pct(p.params_share),
-               _pct(p.energy_kept), _num(p.metric), _pct(p.gain)]  # fmt: skip
+        row = [("★ " if p.label == s.chosen else "") + p.label, ranks, str(p.n_modules or "—"), f"{p.lora_params:,}",
+               _pct(p.params_share), _pct(p.energy_kept), _num(p.metric), _pct(p.gain)]  # fmt: skip
         row += [_num(p.select_metric), _pct(p.select_gain)] if selecting else []
         table.add_row(*(escape(printable(c)) for c in (*row, f"{p.seconds:.1f}", note)))
-    head = f"recommended: {s.chosen}" if s.chosen is not None else "no recommendation"
+    head = "recommended" if s.chosen is not None else "no recommendation"  # the reason starts with the label
     lines = [Text(f"{head}: {printable(s.reason)}", style="bold" if s.chosen else "yellow")]
     lines += [Text(printable(n), style="dim") for n in s.notes]
     return Group(table, *lines)

@@ -176,7 +176,7 @@ class _Run:
                 "noisy points looks better than it is); give a separate selection evaluation (select=, CLI: "
                 "--eval-select on a validation split) to report an unbiased metric"
             )
-        chosen, reason = choose(points, s, self.evaluators[0].name, self.evaluators[1])
+        chosen, reason = choose(points, s, self.evaluators[1] is not None)
         points = self._keep(points, chosen, adapters, out)
         return Sweep(
             base=self.base,
@@ -381,18 +381,15 @@ def _failed(label: str, kind: str, rank: int | None, dense: int, error: str, sec
                       seconds, False)  # fmt: skip
 
 
-def choose(
-    points: Sequence[SweepPoint], settings: SweepSettings, name: str, select: Evaluator | None
-) -> tuple[str | None, str]:
+def choose(points: Sequence[SweepPoint], settings: SweepSettings, selecting: bool) -> tuple[str | None, str]:
     """(the label of the smallest LoRA point keeping 1 − tolerance of the gain, below break-even; or None) and the
-    one-sentence reason, with the numbers."""
-    on = name if select is None else select.name
-    base, full = points[0], points[1]
+    one-sentence reason, with the numbers. Equal sizes: the larger gain (to 1e-4), then the earlier point."""
+    on = "the selection metric" if selecting else "the metric"
 
     def value(p: SweepPoint) -> float | None:
-        return p.metric if select is None else p.select_metric
+        return p.select_metric if selecting else p.metric
 
-    mb, mf = value(base), value(full)
+    mb, mf = value(points[0]), value(points[1])
     assert mb is not None and mf is not None  # a failed reference ends the sweep before
     better = mf < mb if settings.lower_is_better else mf > mb
     direction = "lower" if settings.lower_is_better else "higher"
@@ -404,25 +401,25 @@ def choose(
         )
     need = 1.0 - settings.tolerance
     loras = [p for p in points if p.kind in LORA_KINDS and p.ok and p.select_gain is not None and not p.dense_modules]
-    fits = [p for p in loras if p.select_gain is not None and p.select_gain >= need - 1e-12]
+    fits = [p for p in loras if (p.select_gain or 0.0) >= need - 1e-12]
     refs = f"base {mb:.4g}, full fine-tune {mf:.4g}"
     if not fits:
         if not loras:
             return None, f"no LoRA point below break-even could be evaluated ({refs}); nothing is recommended"
         best = max(loras, key=lambda p: p.select_gain or 0.0)
         return None, (
-            f"no LoRA point below break-even keeps {100 * need:.0f}% of the full fine-tune's gain on {on} ({refs}); "
+            f"no LoRA point below break-even keeps {100 * need:g}% of the full fine-tune's gain on {on} ({refs}); "
             f"the best, {best.label}, keeps {100 * (best.select_gain or 0.0):.1f}% with {100 * best.params_share:.1f}% "
             "of the dense parameters: fine-tune these modules fully, or accept the loss with a larger tolerance"
         )
-    pick = min(fits, key=lambda p: (p.lora_params, -(p.select_gain or 0.0)))
-    metric = value(pick)
-    assert metric is not None and pick.select_gain is not None
-    reported = "" if select is None or pick.gain is None else f"; on {name} it keeps {100 * pick.gain:.1f}%"
+    order = {p.label: i for i, p in enumerate(points)}
+    pick = min(fits, key=lambda p: (p.lora_params, -round(p.select_gain or 0.0, 4), order[p.label]))
+    metric, gain = value(pick), pick.select_gain or 0.0
+    reported = "" if not selecting or pick.gain is None else f"; on the reported metric it keeps {100 * pick.gain:.1f}%"
     return pick.label, (
-        f"{pick.label} keeps {100 * pick.select_gain:.1f}% of the full fine-tune's gain on {on} ({metric:.4g}; {refs}) "
-        f"with {pick.lora_params:,} LoRA parameters ({100 * pick.params_share:.1f}% of the dense matrices): the "
-        f"smallest point within the tolerance of {100 * settings.tolerance:g}%{reported}"
+        f"{pick.label} keeps {100 * gain:.1f}% of the full fine-tune's gain on {on} ({metric:.4g}; {refs}) with "
+        f"{pick.lora_params:,} LoRA parameters ({100 * pick.params_share:.1f}% of the dense matrices): the smallest "
+        f"point within the tolerance of {100 * settings.tolerance:g}%{reported}"
     )
 
 

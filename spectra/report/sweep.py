@@ -26,7 +26,9 @@ def _loras(sweep: Sweep) -> list[SweepPoint]:
     return [p for p in sweep.points if p.kind in LORA_KINDS and p.ok and p.params_share > 0]
 
 
-def _metric_panel(ax: Axes, sweep: Sweep, value: Callable[[SweepPoint], float | None], name: str, band: bool) -> None:
+def _metric_panel(
+    ax: Axes, sweep: Sweep, value: Callable[[SweepPoint], float | None], name: str, title: str, band: bool
+) -> None:
     """One metric against params share (log x): points by kind, base/full lines, the band, the chosen point."""
     base, full = sweep.points[0], sweep.points[1]
     mb, mf = value(base), value(full)
@@ -49,10 +51,13 @@ def _metric_panel(ax: Axes, sweep: Sweep, value: Callable[[SweepPoint], float | 
     if chosen is not None and (y := value(chosen)) is not None:
         ax.plot([max(chosen.params_share, MIN_SHARE) * 100], [y], marker="*", ms=16, color="#d62728", ls="none",
                 label=f"chosen: {chosen.label}")  # fmt: skip
-    _style(ax, name)
+    better = "lower" if sweep.settings.lower_is_better else "higher"
+    _style(ax, f"{name} ({better} is better)", _short(title))
 
 
-def _style(ax: Axes, ylabel: str) -> None:
+def _style(ax: Axes, ylabel: str, title: str | None = None) -> None:
+    if title is not None:
+        ax.set_title(title, fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("LoRA parameters (% of the dense matrices)", fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
@@ -63,16 +68,16 @@ def _style(ax: Axes, ylabel: str) -> None:
 def plot_sweep(sweep: Sweep) -> Figure:
     """Panels side by side: the selection metric (with the band), the reported one when they differ, and the
     ΔW energy kept, each against LoRA parameters as a share of the dense matrices (log scale)."""
-    panels: list[tuple[Callable[[SweepPoint], float | None], str, bool]] = []
+    panels: list[tuple[Callable[[SweepPoint], float | None], str, str, bool]] = []
     if sweep.select_evaluator is not None:
-        panels.append((lambda p: p.select_metric, f"selection: {_short(sweep.select_evaluator)}", True))
-        panels.append((lambda p: p.metric, f"reported: {_short(sweep.evaluator)}", False))
+        panels.append((lambda p: p.select_metric, "selection metric", sweep.select_evaluator, True))
+        panels.append((lambda p: p.metric, "reported metric", sweep.evaluator, False))
     else:
-        panels.append((lambda p: p.metric, _short(sweep.evaluator), True))
+        panels.append((lambda p: p.metric, "metric", sweep.evaluator, True))
     fig = Figure(figsize=(5.2 * (len(panels) + 1), 4.0), layout="constrained")
     axes = fig.subplots(1, len(panels) + 1, squeeze=False)[0]
-    for ax, (value, name, band) in zip(axes, panels, strict=False):
-        _metric_panel(ax, sweep, value, name, band)
+    for ax, (value, name, title, band) in zip(axes, panels, strict=False):
+        _metric_panel(ax, sweep, value, name, title, band)
     _energy_panel(axes[-1], sweep)
     return fig
 
@@ -89,7 +94,7 @@ def _energy_panel(ax: Axes, sweep: Sweep) -> None:
         ax.plot([max(chosen.params_share, MIN_SHARE) * 100], [100 * chosen.energy_kept], marker="*", ms=16,
                 color="#d62728", ls="none", label=f"chosen: {chosen.label}")  # fmt: skip
     ax.set_ylim(0, 105)
-    _style(ax, "ΔW energy kept (%)")
+    _style(ax, "ΔW energy kept (%)", "what the same LoRAs keep of ‖ΔW‖²")
 
 
 def _short(text: str, limit: int = 60) -> str:
