@@ -312,3 +312,23 @@ def test_timeout_kills_the_command_and_its_children(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"did not finish within 0\.5 s"):
         shell_evaluator("echo started; sleep 30 & sleep 30; echo {model}", timeout=0.5)(candidate(tmp_path))
     assert time.perf_counter() - started < 10
+
+
+def test_a_sharded_base_is_merged_into_a_sharded_folder(planted_pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """{model} has BASE's form: a folder with the same shard names and index for a sharded BASE."""
+    base, tuned, _ = planted_pair(layout="shards", shape=SHAPE)
+    shards = sorted(p.name for p in base.iterdir())
+    seen: dict[str, list[str]] = {}
+
+    def folder_distance(c: Candidate) -> float:
+        seen[c.label] = sorted(p.name for p in c.model.iterdir())
+        files = [{k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+                 for d in (c.model, base, tuned)]  # fmt: skip
+        m, b, t = files
+        num = sum(float(np.sum((m[k].astype(np.float64) - t[k]) ** 2)) for k in t if t[k].ndim == 2)
+        den = sum(float(np.sum((t[k].astype(np.float64) - b[k]) ** 2)) for k in t if t[k].ndim == 2)
+        return -math.sqrt(num / den)
+
+    record = spectra.sweep(base, tuned, Evaluator("folder", folder_distance), settings=settings(tmp_path, ranks=(4,)))
+    assert seen["base"] == shards and seen["r=4"] == shards
+    assert record.point("r=4").metric == pytest.approx(-math.sqrt(1 - record.point("r=4").energy_kept), rel=1e-5)

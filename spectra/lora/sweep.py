@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Final
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from spectra.engine.executor import ProgressHook, identity
 from spectra.errors import OptionsError, SpectraError
 from spectra.io.checkpoint import open_checkpoint
 from spectra.io.outputs import Outputs
+from spectra.lora.choose import choose, gain_of, ladder
 from spectra.lora.evaluate import (
     Candidate,
     EvalCache,
@@ -50,9 +50,8 @@ from spectra.lora.split import ExtractResult, default_dtype
 from spectra.lora.targets import select as select_modules
 from spectra.peft.merge import merge_adapter
 from spectra.plan.jobs import Dense
-from spectra.records import DEFAULT_SWEEP_RANKS, Options, Sweep, SweepPoint, SweepSettings
+from spectra.records import Options, Sweep, SweepPoint, SweepSettings
 
-LORA_KINDS: Final = ("uniform", "budget", "recommendation")
 Evaluate = Evaluator | Callable[[Path], float]
 
 
@@ -209,25 +208,8 @@ class _Run:
         self.ids = (checkpoint_identity(files[0]), checkpoint_identity(files[1]))
 
     def _ladder(self) -> list[int]:
-        """The uniform rungs: the user's, or the default ones below break-even for some targeted module."""
-
-        def useful(r: int) -> bool:
-            return any(r * (m + n) < m * n for m, n in self.shapes)
-
-        if self.settings.ranks is not None:
-            above = [r for r in self.settings.ranks if not useful(r)]
-            if above:
-                self.notes.append(
-                    f"ranks {', '.join(map(str, above))} reach break-even (r·(m + n) ≥ m·n) for every targeted "
-                    "module: evaluated, but never chosen (such a LoRA costs at least the dense matrices)"
-                )
-            return list(self.settings.ranks)
-        ranks = [r for r in DEFAULT_SWEEP_RANKS if useful(r)] or [1]
-        if dropped := [r for r in DEFAULT_SWEEP_RANKS if r not in ranks]:
-            self.notes.append(
-                f"default rungs {', '.join(map(str, dropped))} left out: at those ranks every targeted module's "
-                "LoRA would cost at least its dense matrix (r·(m + n) ≥ m·n), which no LoRA is for"
-            )
+        ranks, notes = ladder(self.shapes, self.settings.ranks)
+        self.notes += notes
         return ranks
 
     def _say(self, label: str, steps: str) -> None:
@@ -291,7 +273,7 @@ class _Run:
         kept = sum(m.captured * m.energy for m in result.modules) / self.total_energy if self.total_energy else 0.0
         dense_modules = sum(m.rank * (m.shape[0] + m.shape[1]) >= m.shape[0] * m.shape[1] for m in result.modules)
         metrics, timing, cached, error, output = self._measure(label, out)
-        gains = [_gain(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
+        gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
         select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
         steps = f"extract {extracted:.1f} s, " + ("cached" if cached else timing)
         self._say(label, f"{steps} → " + (f"failed: {error}" if error else _shown(metrics, gains)))
@@ -304,7 +286,7 @@ class _Run:
     def _measure(self, label: str, adapter: Path) -> tuple[list[float | None], str, bool, str | None, str | None]:
         """(metrics, "merge … s, evaluate … s", all cached, error, output tail): merged only when not cached."""
         identity_ = adapter_identity(adapter) if self.cache.folder is not None else ""
-        keys = [None if e is None else self.cache.key(e, "lora", identity_, self.ids[0]) for e in self.evaluators]
+        keys = [None if e is None else self.cache.key(e, "lora", identity_, *self.ids) for e in self.evaluators]
         metrics = [None if e is None else self.cache.get(k) for e, k in zip(self.evaluators, keys, strict=True)]
         missing = [i for i, e in enumerate(self.evaluators) if e is not None and metrics[i] is None]
         if not missing:
@@ -358,14 +340,6 @@ class _Run:
         return kept
 
 
-def _gain(value: float | None, refs: Sequence[float | None]) -> float | None:
-    """(value − base) / (full − base); None when a value is missing or the references are equal."""
-    base, full = refs
-    if value is None or base is None or full is None or full == base:
-        return None
-    return (value - base) / (full - base)
-
-
 def _shown(metrics: Sequence[float | None], gains: Sequence[float | None] | None = None) -> str:
     parts = []
     for i, (name, value) in enumerate(zip(("", "select "), metrics, strict=True)):
@@ -379,48 +353,6 @@ def _shown(metrics: Sequence[float | None], gains: Sequence[float | None] | None
 def _failed(label: str, kind: str, rank: int | None, dense: int, error: str, seconds: float) -> SweepPoint:
     return SweepPoint(label, kind, rank, 0, 0.0, 0, 0, 0, dense, 0.0, 0.0, 0, None, None, None, None, error, None,
                       seconds, False)  # fmt: skip
-
-
-def choose(points: Sequence[SweepPoint], settings: SweepSettings, selecting: bool) -> tuple[str | None, str]:
-    """(the label of the smallest LoRA point keeping 1 − tolerance of the gain, below break-even; or None) and the
-    one-sentence reason, with the numbers. Equal sizes: the larger gain (to 1e-4), then the earlier point."""
-    on = "the selection metric" if selecting else "the metric"
-
-    def value(p: SweepPoint) -> float | None:
-        return p.select_metric if selecting else p.metric
-
-    mb, mf = value(points[0]), value(points[1])
-    assert mb is not None and mf is not None  # a failed reference ends the sweep before
-    better = mf < mb if settings.lower_is_better else mf > mb
-    direction = "lower" if settings.lower_is_better else "higher"
-    if not better:
-        return None, (
-            f"the full fine-tune does not beat the base on {on} ({mf:.4g} vs {mb:.4g}, {direction} is better): "
-            "there is no gain for a LoRA to keep, so nothing is recommended (is the direction right? "
-            "see lower_is_better / --lower-is-better)"
-        )
-    need = 1.0 - settings.tolerance
-    loras = [p for p in points if p.kind in LORA_KINDS and p.ok and p.select_gain is not None and not p.dense_modules]
-    fits = [p for p in loras if (p.select_gain or 0.0) >= need - 1e-12]
-    refs = f"base {mb:.4g}, full fine-tune {mf:.4g}"
-    if not fits:
-        if not loras:
-            return None, f"no LoRA point below break-even could be evaluated ({refs}); nothing is recommended"
-        best = max(loras, key=lambda p: p.select_gain or 0.0)
-        return None, (
-            f"no LoRA point below break-even keeps {100 * need:g}% of the full fine-tune's gain on {on} ({refs}); "
-            f"the best, {best.label}, keeps {100 * (best.select_gain or 0.0):.1f}% with {100 * best.params_share:.1f}% "
-            "of the dense parameters: fine-tune these modules fully, or accept the loss with a larger tolerance"
-        )
-    order = {p.label: i for i, p in enumerate(points)}
-    pick = min(fits, key=lambda p: (p.lora_params, -round(p.select_gain or 0.0, 4), order[p.label]))
-    metric, gain = value(pick), pick.select_gain or 0.0
-    reported = "" if not selecting or pick.gain is None else f"; on the reported metric it keeps {100 * pick.gain:.1f}%"
-    return pick.label, (
-        f"{pick.label} keeps {100 * gain:.1f}% of the full fine-tune's gain on {on} ({metric:.4g}; {refs}) with "
-        f"{pick.lora_params:,} LoRA parameters ({100 * pick.params_share:.1f}% of the dense matrices): the smallest "
-        f"point within the tolerance of {100 * settings.tolerance:g}%{reported}"
-    )
 
 
 def _version() -> str:
