@@ -156,8 +156,8 @@ def report(
     analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory (no SVD is
-    recomputed)."""
+    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory, a sweep (no
+    SVD is recomputed)."""
     outputs = spectra.Outputs([analysis_json])
     with user_errors(outputs), outputs:
         target = outputs.file(output, "--output")
