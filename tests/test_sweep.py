@@ -332,3 +332,20 @@ def test_a_sharded_base_is_merged_into_a_sharded_folder(planted_pair, tmp_path: 
     record = spectra.sweep(base, tuned, Evaluator("folder", folder_distance), settings=settings(tmp_path, ranks=(4,)))
     assert seen["base"] == shards and seen["r=4"] == shards
     assert record.point("r=4").metric == pytest.approx(-math.sqrt(1 - record.point("r=4").energy_kept), rel=1e-5)
+
+
+def test_each_merge_is_deleted_once_evaluated_and_the_adapter_is_given(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    base, tuned, _ = pair
+    seen: list[Candidate] = []
+
+    def evaluate(c: Candidate) -> float:
+        assert all(not p.model.exists() for p in seen if p.adapter is not None)  # earlier merges are gone
+        assert c.model.is_file() and c.model.name == base.name  # BASE's form: a .safetensors file
+        if c.adapter is not None:
+            assert (c.adapter / "adapter_config.json").is_file()
+        seen.append(c)
+        return distance(c.model, base, tuned)
+
+    spectra.sweep(base, tuned, Evaluator("e", evaluate), settings=settings(tmp_path, ranks=(1, 2)))
+    assert [c.adapter is None for c in seen] == [True, True, False, False]
+    assert [c.model for c in seen[:2]] == [base, tuned] and not seen[-1].model.exists()
