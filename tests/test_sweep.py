@@ -349,3 +349,13 @@ def test_each_merge_is_deleted_once_evaluated_and_the_adapter_is_given(pair, tmp
     spectra.sweep(base, tuned, Evaluator("e", evaluate), settings=settings(tmp_path, ranks=(1, 2)))
     assert [c.adapter is None for c in seen] == [True, True, False, False]
     assert [c.model for c in seen[:2]] == [base, tuned] and not seen[-1].model.exists()
+
+
+def test_bad_inputs_are_refused_before_any_evaluation(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    base, tuned, _ = pair
+    calls: list[str] = []
+    spectra.extract(base, tuned, tmp_path / "adapter", RankRule(rank=2))
+    for b, t, error in ((base, base, spectra.MismatchError), (base, tmp_path / "adapter", spectra.CheckpointError)):
+        with pytest.raises(error):
+            spectra.sweep(b, t, fake(base, tuned, calls=calls), settings=settings(tmp_path))
+    assert calls == []

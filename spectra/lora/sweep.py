@@ -43,7 +43,7 @@ from spectra.lora.evaluate import (
     default_cache_dir,
     save_sweep,
 )
-from spectra.lora.extract import extract
+from spectra.lora.extract import _check_inputs, extract
 from spectra.lora.resize import resize
 from spectra.lora.rules import RankRule
 from spectra.lora.split import ExtractResult, default_dtype
@@ -200,6 +200,7 @@ class _Run:
             cks = [
                 stack.enter_context(open_checkpoint(p, download=self.options.download)) for p in (self.base, self.tuned)
             ]
+            _check_inputs(cks[0], cks[1])  # an adapter or TUNED = BASE: refused before anything is evaluated
             jobs, _, _ = select_modules(cks[0], cks[1], self.options, s.include_embeddings, s.targets)
             self.shapes = [j.shape for j in jobs]
             self.store = default_dtype(j.operand.tuned.dtype_name for j in jobs if isinstance(j.operand, Dense))
