@@ -292,3 +292,87 @@ def test_refusals_leave_nothing_behind(llama: Path, tmp_path: Path) -> None:
     spectra.merge_adapter(llama, plain, tmp_path / "taken", overwrite=True)
     assert "x" not in os.listdir(tmp_path / "taken")
     assert not list(llama.glob(".*")) and json.loads((plain / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_dtype_updates_the_index_and_progress_sees_every_tensor(llama: Path, tmp_path: Path) -> None:
+    model = transformers.LlamaForCausalLM.from_pretrained(str(llama))
+    model.save_pretrained(str(tmp_path / "base"), max_shard_size="60KB")
+    adapter = trained(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), tmp_path / "a")
+    seen: list[str] = []
+
+    def progress(items: Any) -> Any:
+        for item in items:
+            seen.append(item)
+            yield item
+
+    spectra.merge_adapter(tmp_path / "base", adapter, tmp_path / "out", dtype="bf16", progress=progress)
+    got = tensors(tmp_path / "out")
+    assert sorted(seen) == sorted(got) and {t.dtype for t in got.values()} == {torch.bfloat16}
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in got.values())
+    assert (
+        index["weight_map"]
+        == json.loads((tmp_path / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    )
+    transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+def test_a_saved_copy_of_the_embedding_is_what_peft_merges_onto(llama: Path, tmp_path: Path) -> None:
+    """save_embedding_layers (PEFT's default when an embedding is targeted) stores the layer's weight; PEFT loads that
+    copy over the base's, then merges: so does merge_adapter (the copy is perturbed here to tell them apart)."""
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["embed_tokens", "q_proj"])
+    wrapped = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(str(llama)), config)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape) * 0.3)
+    wrapped.save_pretrained(str(tmp_path / "a"))
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    stored = load_file(str(file))
+    copy = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert copy in stored
+    stored[copy] = stored[copy] + 1.0
+    save_file(stored, str(file), metadata={"format": "pt"})
+    result = spectra.merge_adapter(llama, tmp_path / "a", tmp_path / "out")
+    want = peft_merged(transformers.LlamaForCausalLM.from_pretrained(str(llama)), tmp_path / "a")
+    changed = assert_matches_peft(tmp_path / "out", want, tensors(llama))
+    assert "model.embed_tokens.weight" in result.merged and set(result.merged) == changed
+
+
+def test_module_names_with_a_prefix_the_base_lacks(llama: Path, tmp_path: Path) -> None:
+    """A bare model's checkpoint ("layers.0...") takes an adapter of the causal-LM model ("model.layers.0...")."""
+    base = {k.removeprefix("model."): v for k, v in tensors(llama).items() if k.startswith("model.")}
+    save_file(base, str(tmp_path / "bare.safetensors"))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    adapter = trained(transformers.LlamaForCausalLM.from_pretrained(str(llama)), config, tmp_path / "a")
+    result = spectra.merge_adapter(tmp_path / "bare.safetensors", adapter, tmp_path / "out.safetensors")
+    want = peft_merged(transformers.LlamaForCausalLM.from_pretrained(str(llama)), adapter)
+    got = load_file(str(result.path))
+    assert got.keys() == base.keys() and result.merged[0] == "layers.0.self_attn.q_proj.weight"
+    for key, tensor in got.items():
+        torch.testing.assert_close(tensor, want["model." + key], rtol=2e-6, atol=2e-6)
+
+
+def test_other_adapters_and_a_failure_midway_leave_nothing(llama: Path, tmp_path: Path) -> None:
+    load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(llama))  # noqa: E731
+    peft.get_peft_model(load(), peft.IA3Config(target_modules=["v_proj"], feedforward_modules=[])).save_pretrained(
+        str(tmp_path / "ia3")
+    )
+    with pytest.raises(CheckpointError, match="IA3"):
+        spectra.merge_adapter(llama, tmp_path / "ia3", tmp_path / "out")
+    tokens = peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    trained(load(), tokens, tmp_path / "tokens")
+    with pytest.raises(CheckpointError, match="trainable token"):
+        spectra.merge_adapter(llama, tmp_path / "tokens", tmp_path / "out")
+    plain = trained(load(), peft.LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "plain")
+
+    def failing(items: Any) -> Any:
+        for i, item in enumerate(items):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    for out in (tmp_path / "out", tmp_path / "deep" / "er" / "out"):
+        with pytest.raises(KeyboardInterrupt):
+            spectra.merge_adapter(llama, plain, out, progress=failing)
+    no_leftovers(tmp_path, {"ia3", "tokens", "plain"})

@@ -12,6 +12,7 @@ each tensor goes to its offset (spectra.peft.write.TensorFile). Everything is st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -77,13 +78,18 @@ class MergeResult:
 
 @dataclass(frozen=True, slots=True)
 class _Update:
-    """What happens to one base tensor: + scale·B@A (module), + scale·lora_B.bias (bias_of), or replaced (saved)."""
+    """What happens to one base tensor: + scale·B@A (module), + scale·lora_B.bias (bias_of), or replaced by the
+    adapter's copy (saved), onto which B@A is added when the module also has LoRA factors."""
 
     module: LoraModule | None = None
     transpose: bool = False
     bias_of: TensorEntry | None = None  # lora_B.bias, added to the module's bias
     scale: float = 1.0
-    saved: TensorEntry | None = None  # a modules_to_save copy from the adapter
+    saved: TensorEntry | None = None  # a modules_to_save copy, or the base layer's (save_embedding_layers)
+
+    @property
+    def merged(self) -> bool:
+        return self.module is not None or self.bias_of is not None
 
 
 def merge_adapter(
@@ -122,41 +128,69 @@ def merge_adapter(
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(open_checkpoint(os.fspath(base), download=download))
         if base_ck.format == "peft-adapter":
-            raise CheckpointError(f"{base_ck.path}: BASE is a PEFT adapter; pass the base model it was trained on")
+            raise CheckpointError(
+                f"{shown(base_ck.path)}: BASE is a PEFT adapter; pass the base model it was trained on"
+            )
         lora = stack.enter_context(open_checkpoint(os.fspath(adapter)))
         if lora.format != "peft-adapter":
             raise CheckpointError(
-                f"{lora.path}: not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+                f"{shown(lora.path)}: not a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
             )
+        if not base_ck.entries:
+            raise CheckpointError(f"{shown(base_ck.path)}: holds no tensors; pass the base model's weights")
         updates = _updates(base_ck, lora, _settings(lora))
         single = base_ck.format == "safetensors"
         outputs = Outputs(inputs=[base_ck.location, lora.location])
         target = _plan(outputs, out, [base_ck.location, lora.location], single, overwrite)
         with outputs:
             staged = outputs.stage(target)
-            files = _layouts(base_ck, out_dtype)
-            if not single:
-                staged.mkdir()
-                _copy_small_files(base_ck, staged, {e.file.name for e in base_ck.entries.values()}, out_dtype)
-            writers = {
-                file: TensorFile(staged if single else staged / file.name, layout, _metadata(file))
-                for file, layout in files.items()
-            }
             try:
-                for name in progress(sorted(base_ck.entries, key=natural_key)):
-                    entry = base_ck.entries[name]
-                    _write(base_ck, lora, entry, writers[entry.file], updates.get(name))
-                for writer in writers.values():
-                    writer.close()
+                _write_all(base_ck, lora, updates, staged, single, out_dtype, progress)
             except OSError as exc:
                 raise SpectraError(
-                    f"{shown(os.fspath(out))}: cannot write the merged model ({exc.strerror or exc})"
+                    f"{shown(os.fspath(out))}: cannot write the merged model ({exc.strerror or exc}); nothing was "
+                    "written"
                 ) from None
-            finally:
-                for writer in writers.values():
-                    writer.abort()
-    merged = tuple(n for n in sorted(updates, key=natural_key) if updates[n].saved is None)
+    merged = tuple(n for n in sorted(updates, key=natural_key) if updates[n].merged)
     return MergeResult(target, merged, len(base_ck.entries) - len(updates), time.perf_counter() - started)
+
+
+def _write_all(
+    base: Checkpoint,
+    lora: Checkpoint,
+    updates: dict[str, _Update],
+    staged: Path,
+    single: bool,
+    dtype: torch.dtype | None,
+    progress: ProgressHook,
+) -> None:
+    """Write every output file into `staged`: one safetensors file open at a time, its tensors in natural order.
+
+    Raises:
+        OSError: a file cannot be written (the caller names the output).
+    """
+    files = _layouts(base, dtype)
+    if not single:
+        staged.mkdir()
+        _copy_small_files(base, staged, {file.name for file in files}, dtype)
+    order = {file: i for i, file in enumerate(sorted(files, key=lambda f: natural_key(f.name)))}
+    names = sorted(base.entries, key=lambda n: (order[base.entries[n].file], natural_key(n)))
+    writer: TensorFile | None = None
+    current: Path | None = None  # the base file `writer` mirrors
+    try:
+        for name in progress(names):
+            entry = base.entries[name]
+            if writer is None or current != entry.file:
+                if writer is not None:
+                    writer.close()
+                path = staged if single else staged / entry.file.name
+                writer, current = TensorFile(path, files[entry.file], _metadata(entry.file)), entry.file
+            _write(base, lora, entry, writer, updates.get(name))
+        if writer is not None:
+            writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
 
 
 def _settings(lora: Checkpoint) -> LoraSettings:
@@ -164,12 +198,13 @@ def _settings(lora: Checkpoint) -> LoraSettings:
     settings = read_lora_settings(lora.location, lora.path)
     if settings.dora:
         raise CheckpointError(
-            f"{lora.path}: a DoRA adapter (use_dora): its merge rescales W by its magnitude vector; spectra merges "
-            "plain LoRA adapters, use PEFT's merge_and_unload for DoRA"
+            f"{shown(lora.path)}: a DoRA adapter (use_dora): its merge rescales W by its magnitude vector; spectra "
+            "merges plain LoRA adapters, use PEFT's merge_and_unload for DoRA"
         )
     if settings.variant is not None:
         raise CheckpointError(
-            f"{lora.path}: a {settings.variant} adapter: its ΔW is not scale·B·A; spectra merges plain LoRA adapters"
+            f"{shown(lora.path)}: a {settings.variant} adapter: its ΔW is not scale·B·A; spectra merges plain LoRA "
+            "adapters"
         )
     return settings
 
@@ -244,10 +279,15 @@ def _updates(base: Checkpoint, lora: Checkpoint, settings: LoraSettings) -> dict
             if name in updates:
                 raise CheckpointError(f"{shown(weights)}: {quoted(name)} is both a LoRA module and modules_to_save")
             updates[name] = _Update(saved=entry)
+        elif ".base_layer." in key:  # PEFT loads this copy of the layer's weight (save_embedding_layers), then merges
+            name = base_key(key.replace(".base_layer.", "."), "base layer copy")
+            entry = lora.entries[skipped.name]
+            _same_shape(weights, skipped.name, entry.shape, name, base.entries[name].shape)
+            updates[name] = dataclasses.replace(updates.get(name, _Update()), saved=entry)
         else:
             raise CheckpointError(
                 f"{shown(weights)}: {quoted(skipped.name)}: {skipped.detail or skipped.reason}; spectra merges LoRA "
-                "factors, lora biases and modules_to_save copies only"
+                "factors, lora biases, modules_to_save and base layer copies only"
             )
     return updates
 
@@ -322,11 +362,11 @@ def _write(base: Checkpoint, lora: Checkpoint, entry: TensorEntry, file: TensorF
     if update is None:
         file.write(entry.name, base.read(entry.name), finite=False)
         return
-    if update.saved is not None:
+    if update.saved is not None and not update.merged:
         file.write(entry.name, lora.read(update.saved.name), finite=False)
         return
-    weight = base.read(entry.name)
-    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weight = base.read(entry.name) if update.saved is None else lora.read(update.saved.name)
+    work = torch.float64 if DTYPES[entry.code][0] == torch.float64 else torch.float32
     merged = weight.to(work)
     if update.module is not None:
         b = lora.read(update.module.b.name).to(work)
