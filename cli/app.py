@@ -26,6 +26,7 @@ from spectra import (
 
 from . import display
 from .commands import compare as compare_command
+from .commands import sweep as sweep_command
 from .commands import trajectory as trajectory_command
 from .commands.extract import extract as extract_command
 from .commands.resize import resize as resize_command
@@ -155,8 +156,8 @@ def report(
     analysis_json: AnalysisJson,
     output: Annotated[Path, typer.Option("--output", "-o", help="the HTML file to write")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory (no SVD is
-    recomputed)."""
+    """Write a self-contained HTML report from a saved record: an analysis, a comparison, a trajectory, a sweep (no
+    SVD is recomputed)."""
     outputs = spectra.Outputs([analysis_json])
     with user_errors(outputs), outputs:
         target = outputs.file(output, "--output")
@@ -275,6 +276,7 @@ def demo(
 
 compare_command.register(app)
 trajectory_command.register(app)
+sweep_command.register(app)
 
 
 def main() -> None:

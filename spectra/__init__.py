@@ -36,6 +36,7 @@ from spectra.io.files import Interrupted, held_signals, interruptible, interrupt
 from spectra.io.outputs import Outputs
 from spectra.io.store import load_analysis, load_record, save_analysis, save_summary, to_json
 from spectra.journal import Journal, journal_path
+from spectra.lora.evaluate import Candidate, EvaluationError, Evaluator, save_sweep, shell_evaluator, sweep_json
 from spectra.lora.recommend import RecommendSettings, recommend, write_adapter_config
 from spectra.lora.usage import KindUse, RankUse, kind_use, rank_use, use_sentences
 from spectra.names import printable
@@ -50,6 +51,9 @@ from spectra.records import (
     Skipped,
     Spectrum,
     Summary,
+    Sweep,
+    SweepPoint,
+    SweepSettings,
 )
 
 if TYPE_CHECKING:
@@ -59,9 +63,11 @@ if TYPE_CHECKING:
     from spectra.lora.resize import resize
     from spectra.lora.rules import RankRule
     from spectra.lora.split import ExtractResult, ModuleResult, extraction_json, save_extraction
+    from spectra.lora.sweep import sweep
     from spectra.pipeline import analyze, analyze_many
     from spectra.report.compare import write_record_report
     from spectra.report.html import write_comparison_report, write_report
+    from spectra.report.sweep import sweep_html, write_sweep_report
     from spectra.trajectory import analyze_trajectory, checkpoint_list
 
 try:
@@ -91,6 +97,9 @@ _LAZY = {
     "analyze_side_by_side": "spectra.compare.side_by_side",
     "analyze_trajectory": "spectra.trajectory",
     "checkpoint_list": "spectra.trajectory",
+    "sweep": "spectra.lora.sweep",
+    "sweep_html": "spectra.report.sweep",
+    "write_sweep_report": "spectra.report.sweep",
 }
 
 
@@ -109,10 +118,13 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Analysis",
+    "Candidate",
     "CheckpointError",
     "CheckpointInfo",
     "CompareSettings",
     "Comparison",
+    "EvaluationError",
+    "Evaluator",
     "ExtractResult",
     "GroupSummary",
     "Interrupted",
@@ -141,6 +153,9 @@ __all__ = [
     "Spectrum",
     "StepSimilarity",
     "Summary",
+    "Sweep",
+    "SweepPoint",
+    "SweepSettings",
     "Trajectory",
     "TrajectoryPoint",
     "TrajectorySettings",
@@ -170,10 +185,16 @@ __all__ = [
     "save_extraction",
     "save_record",
     "save_summary",
+    "save_sweep",
+    "shell_evaluator",
+    "sweep",
+    "sweep_html",
+    "sweep_json",
     "to_json",
     "use_sentences",
     "write_adapter_config",
     "write_comparison_report",
     "write_record_report",
     "write_report",
+    "write_sweep_report",
 ]

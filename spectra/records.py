@@ -464,3 +464,136 @@ def _flat(record: Any) -> dict[str, Any]:
         else:
             row[f.name] = value
     return row
+
+
+DEFAULT_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+POINT_KINDS = ("base", "full", "uniform", "budget", "recommendation")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepSettings:
+    """What `spectra.sweep` extracts and how it chooses, beyond the shared Options. Validated on construction.
+
+    Attributes:
+        ranks: uniform LoRA ranks to evaluate; None: DEFAULT_SWEEP_RANKS without the rungs at which every targeted
+            module's LoRA would cost at least its dense matrix (r·(m + n) ≥ m·n).
+        budgets: per-module (budgeted) allocations to evaluate: a share of the targeted dense parameters in (0, 1),
+            or a number of LoRA parameters ≥ 1.
+        recommendation: also evaluate spectra's own recommendation (`RankRule(auto=True)`).
+        tolerance: share of the full fine-tune's gain over base a chosen LoRA may lose, in [0, 1).
+        lower_is_better: the metric improves downwards (a loss, a perplexity).
+        keep_adapters: keep every point's adapter (DIR/adapters/LABEL/); the chosen one is always kept.
+        cache: reuse earlier evaluations of the same adapter (or checkpoint) and command.
+        cache_dir: where the cache lives; None: $XDG_CACHE_HOME/spectra/sweep (~/.cache/spectra/sweep).
+        targets: module kinds or name suffixes to adapt (extract's `targets`); None: all.
+        include_embeddings: also adapt embeddings and output heads.
+    """
+
+    ranks: tuple[int, ...] | None = None
+    budgets: tuple[float, ...] = ()
+    recommendation: bool = True
+    tolerance: float = 0.05
+    lower_is_better: bool = False
+    keep_adapters: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    targets: tuple[str, ...] | None = None
+    include_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None:
+            ranks = tuple(self.ranks)
+            if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+                raise OptionsError(f"ranks must be positive integers, got {self.ranks!r}")
+            object.__setattr__(self, "ranks", tuple(sorted(set(ranks))))
+        budgets = tuple(float(b) for b in self.budgets)
+        for b in budgets:
+            if not (0.0 < b < 1.0 or (b >= 1.0 and b == int(b))):  # also rejects NaN and inf
+                raise OptionsError(
+                    f"a budget is a share of the dense parameters in (0, 1) or a whole number of parameters ≥ 1, "
+                    f"got {b:g}"
+                )
+        object.__setattr__(self, "budgets", tuple(sorted(set(budgets))))
+        if not 0.0 <= self.tolerance < 1.0:
+            raise OptionsError(f"tolerance must be in [0, 1) (0.05: keep 95% of the gain), got {self.tolerance}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+
+    @staticmethod
+    def parse_ranks(text: str) -> tuple[int, ...]:
+        """ "1,2,4" -> (1, 2, 4). Raises OptionsError for anything else."""
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise OptionsError(f"--ranks takes comma-separated integers like 1,2,4,8, got {text!r}") from None
+
+    @staticmethod
+    def parse_budgets(text: str) -> tuple[float, ...]:
+        """ "1%,5%,200000" -> (0.01, 0.05, 200000.0): a percent or a share below 1 is a share of the dense
+        parameters, a whole number ≥ 1 a number of LoRA parameters. Raises OptionsError for anything else."""
+        values = []
+        for item in (x.strip() for x in text.split(",")):
+            if not item:
+                continue
+            try:
+                values.append(float(item[:-1]) / 100 if item.endswith("%") else float(item))
+            except ValueError:
+                raise OptionsError(f"--budgets takes shares like 1%,5% or parameter counts, got {item!r}") from None
+        return tuple(values)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    """One evaluated model of a sweep: the base, the full fine-tune, or a LoRA extracted from it and merged."""
+
+    label: str  # "base", "full fine-tune", "r=4", "budget 5%", "recommendation"
+    kind: str  # one of POINT_KINDS
+    rank: int | None  # the rung's rank (uniform points)
+    rank_min: int  # per-module ranks of the adapter (0 for base and full)
+    rank_median: float
+    rank_max: int
+    n_modules: int  # modules in the adapter
+    lora_params: int  # Σ r·(m + n) (+ carried biases); 0 for base; the dense count for the full fine-tune
+    dense_params: int  # Σ m·n over the changed targeted modules (the same for every point)
+    params_share: float  # lora_params / dense_params
+    energy_kept: float  # share of Σ‖ΔW‖_F² the adapter holds (0 base, 1 full)
+    dense_modules: int  # modules whose LoRA costs at least their dense matrix (r ≥ m·n/(m+n)): never chosen if > 0
+    metric: float | None  # the reported (test) evaluation
+    select_metric: float | None  # the selection evaluation (None: no separate one; the choice used `metric`)
+    gain: float | None  # (metric − base) / (full − base)
+    select_gain: float | None  # the same on the selection metric (= gain when there is none)
+    error: str | None  # why the point failed (None: it did not)
+    output: str | None  # the failed command's last lines of output
+    seconds: float  # extract + merge + evaluate
+    cached: bool  # every evaluation came from the cache
+    adapter: str | None = None  # where its adapter was kept (relative to the output folder), if it was
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """The result of `spectra.sweep(base, tuned, evaluate)`: the task metric against LoRA size, and the choice."""
+
+    base: str
+    tuned: str
+    options: Options
+    settings: SweepSettings
+    evaluator: str  # the reported evaluation's name (the command, for the CLI)
+    select_evaluator: str | None  # the selection evaluation's name; None: the choice used the reported one
+    points: tuple[SweepPoint, ...]
+    chosen: str | None  # label of the recommended point; None: none qualifies (see reason)
+    reason: str  # one sentence with the numbers
+    notes: tuple[str, ...]
+    elapsed_s: float
+    version: str
+    created: str
+
+    def point(self, label: str) -> SweepPoint:
+        """The point labelled `label` (KeyError if none)."""
+        for p in self.points:
+            if p.label == label:
+                return p
+        raise KeyError(label)

@@ -22,7 +22,7 @@ from spectra.compare.records import Comparison, MatrixComparison, Record, SideBy
 from spectra.errors import SpectraError
 from spectra.io.files import write_atomic
 from spectra.names import SKIP_REASONS
-from spectra.records import Analysis
+from spectra.records import Analysis, Sweep
 from spectra.report.compare_plots import (
     plot_amplification,
     plot_angles,
@@ -205,8 +205,9 @@ def _median_change(matrices: Any) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def render_record(record: Record) -> str:
-    """The HTML page of any saved record: an analysis, a side-by-side set of analyses, a comparison, a trajectory."""
+def render_record(record: Record | Sweep) -> str:
+    """The HTML page of any saved record: an analysis, a side-by-side set of analyses, a comparison, a trajectory,
+    a sweep."""
     if isinstance(record, Analysis):
         return render_html(record)
     if isinstance(record, SideBySide):
@@ -216,6 +217,10 @@ def render_record(record: Record) -> str:
         return render_comparison_page(record)
     if isinstance(record, Trajectory):
         return render_trajectory_page(record)
+    if isinstance(record, Sweep):
+        from spectra.report.sweep import sweep_html  # it imports this module
+
+        return sweep_html(record)
     raise SpectraError(f"no report for a {type(record).__name__} record")
 
 
@@ -225,6 +230,6 @@ def write_record_report(record: object, path: str | Path) -> Path:
     Raises:
         SpectraError: not a spectra record, or the file cannot be written.
     """
-    if not isinstance(record, Analysis | SideBySide | Comparison | Trajectory):
+    if not isinstance(record, Analysis | SideBySide | Comparison | Trajectory | Sweep):
         raise SpectraError(f"no report for a {type(record).__name__} record")
     return write_atomic(Path(path), render_record(record))
