@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from rich.console import RenderableType
 
-from spectra import Analysis, Options, OptionsError, ProgressHook, analyze, write_comparison_report
+from spectra import Analysis, Options, OptionsError, ProgressHook, Sweep, analyze, write_comparison_report
 
 from .cache import cache_key, default_cache_dir, train_or_reuse
-from .data import load_corpus
+from .data import Corpus, load_corpus
 from .display import demo_summary
+from .sweep import LADDER, sweep_full_fine_tune
 from .train import LORA_TARGETS, SCALE, Recipe, Trained, model_dir, train_models
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class DemoSettings:
         threads: torch intra-op CPU threads for training and analysis (on a busy 2-core machine 1 is fastest).
         fresh: retrain even when the cache holds this recipe.
         cache_dir: where trained checkpoints are cached; None uses `default_cache_dir()`.
+        sweep: also run `spectra.sweep` on the full fine-tune (extraction at a ladder of ranks, scored by
+            retrieval; about two minutes the first time, cached after).
     """
 
     out_dir: Path = Path("spectra-demo")
@@ -54,6 +57,7 @@ class DemoSettings:
     threads: int = 1
     fresh: bool = False
     cache_dir: Path | None = None
+    sweep: bool = True
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -77,6 +81,7 @@ class DemoResult:
     lora_r: int
     lora_max_rank: int  # largest numerical rank of a merged-LoRA ΔW; ≤ lora_r by construction
     cached: bool  # the checkpoints came from the cache
+    sweep: Sweep | None  # LoRAs extracted from the full fine-tune at a ladder, scored by retrieval (None: skipped)
     elapsed_s: float
 
 
@@ -160,8 +165,15 @@ def run_demo(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = (settings.cache_dir or default_cache_dir()) / cache_key(s, device, base)
 
+    corpus: list[Corpus] = []  # loaded once, when training or the sweep first needs it
+
+    def load() -> Corpus:
+        if not corpus:
+            corpus.append(load_corpus(s.n_test))
+        return corpus[0]
+
     def train(into: Path) -> Trained:
-        corpus = load_corpus(s.n_test)
+        corpus = load()
         echo(
             f"corpus: {len(corpus.train) + len(corpus.test)} docstring → code pairs from {corpus.n_files} files of "
             f"{corpus.root}; {len(corpus.test)} held out; training on {device}"
@@ -175,7 +187,23 @@ def run_demo(
         full = analyze(str(base), str(trained.full), options, progress=progress)
         echo(f"analysing base → LoRA r={s.lora_r} (merged)")
         lora = analyze(str(base), str(trained.lora_merged), options, progress=progress)
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+        swept = None
+        if settings.sweep:
+            echo(
+                f"sweep: LoRAs extracted from the full fine-tune at r = {', '.join(map(str, LADDER))}, "
+                "scored by retrieval"
+            )
+            swept = sweep_full_fine_tune(
+                trained,
+                load(),
+                s,
+                settings.out_dir,
+                trained.folder / "sweep-cache",
+                options,
+                echo=echo,
+                progress=progress,
+            )
     base_label = "all-MiniLM-L6-v2/model.safetensors"  # the report names no folder of this machine
     report = write_comparison_report(
         [
@@ -200,6 +228,7 @@ def run_demo(
         lora_r=s.lora_r,
         lora_max_rank=max_numerical_rank(lora),
         cached=cached,
+        sweep=swept,
         elapsed_s=time.perf_counter() - started,
     )
     if result.lora_max_rank > s.lora_r:  # the headline itself is the caller's to show (demo_summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -10,7 +11,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .sweep import SWEEP_FOLDER
+
 if TYPE_CHECKING:
+    from spectra import Sweep
+
     from .app import DemoResult
 
 
@@ -37,4 +42,40 @@ def demo_summary(result: DemoResult) -> RenderableType:
     )
     text.append(f"largest rank of a merged-LoRA ΔW: {result.lora_max_rank} (≤ r = {result.lora_r})\n")
     text.append(f"report: {result.report}", style="bold")
+    if result.sweep is None:
+        return Group(table, text)
+    return Group(table, text, Text(), sweep_table(result.sweep, result.report.parent / SWEEP_FOLDER))
+
+
+def sweep_table(sweep: Sweep, folder: Path) -> RenderableType:
+    """The sweep's curve as a table: LoRA size, ΔW energy kept and top-1 on both splits per point, and the choice."""
+    table = Table(
+        title="LoRAs extracted from the full fine-tune (no training), merged, scored by retrieval",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for column in ("point", "LoRA params", "% of dense", "ΔW energy kept", "top-1 val", "top-1 test", "gain kept"):
+        table.add_column(column, justify="left" if column == "point" else "right")
+    for p in sweep.points:
+        cells = (
+            f"{p.lora_params:,}" if p.kind != "base" else "0",
+            f"{100 * p.params_share:.1f}%",
+            "-" if p.energy_kept is None else f"{100 * p.energy_kept:.0f}%",
+            _value(p.select_metric),
+            _value(p.metric),
+            "-" if p.gain is None else f"{100 * p.gain:.0f}%",
+        )
+        if p.error:
+            cells = (*cells[:3], "failed", "failed", escape(p.error))
+        table.add_row(("* " if p.label == sweep.chosen else "") + escape(p.label), *cells)
+    text = Text()
+    head = "recommended (chosen on validation, test reported)" if sweep.chosen else "no recommendation"
+    text.append(f"{head}: {sweep.reason}\n")
+    text.append(f"sweep: {folder / 'sweep.html'} (curves), {folder / 'adapter'} (the chosen LoRA)", style="bold")
     return Group(table, text)
+
+
+def _value(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -467,7 +467,7 @@ def _flat(record: Any) -> dict[str, Any]:
 
 
 DEFAULT_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
-POINT_KINDS = ("base", "full", "uniform", "budget", "recommendation")
+POINT_KINDS = ("base", "full", "uniform", "budget", "recommendation", "trained")  # trained: a LoRA given, not extracted
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +487,8 @@ class SweepSettings:
         cache_dir: where the cache lives; None: $XDG_CACHE_HOME/spectra/sweep (~/.cache/spectra/sweep).
         targets: module kinds or name suffixes to adapt (extract's `targets`); None: all.
         include_embeddings: also adapt embeddings and output heads.
+        biases: "carry" the changed biases of adapted modules as PEFT's lora_bias (extract's default: closer to
+            TUNED), or "drop" them (a LoRA as usually trained: bias="none").
     """
 
     ranks: tuple[int, ...] | None = None
@@ -499,8 +501,11 @@ class SweepSettings:
     cache_dir: str | None = None
     targets: tuple[str, ...] | None = None
     include_embeddings: bool = False
+    biases: str = "carry"
 
     def __post_init__(self) -> None:
+        if self.biases not in ("carry", "drop"):
+            raise OptionsError(f"biases must be carry or drop, got {self.biases!r}")
         if self.ranks is not None:
             ranks = tuple(self.ranks)
             if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
@@ -556,7 +561,7 @@ class SweepPoint:
     lora_params: int  # Σ r·(m + n) (+ carried biases); 0 for base; the dense count for the full fine-tune
     dense_params: int  # Σ m·n over the changed targeted modules (the same for every point)
     params_share: float  # lora_params / dense_params
-    energy_kept: float  # share of Σ‖ΔW‖_F² the adapter holds (0 base, 1 full)
+    energy_kept: float | None  # share of Σ‖ΔW‖_F² the adapter holds (0 base, 1 full; None: a trained LoRA)
     dense_modules: int  # modules whose LoRA costs at least their dense matrix (r ≥ m·n/(m+n)): never chosen if > 0
     metric: float | None  # the reported (test) evaluation
     select_metric: float | None  # the selection evaluation (None: no separate one; the choice used `metric`)

@@ -322,9 +322,22 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert max(first.full_ranks.values()) > 3 * first.lora_r  # even 2 steps of full fine-tuning spread out
     assert len(first.lora_analysis.layers) == 36  # 6 blocks × 6 targeted linear layers, nothing else moved
     assert "analysing base → full fine-tune" in lines  # progress lines; the headline is the caller's to print
+    sweep = first.sweep
+    assert sweep is not None and (out / "sweep" / "sweep.html").is_file() and (out / "sweep" / "sweep.json").is_file()
+    assert [p.label for p in sweep.points] == [
+        "base", "full fine-tune", "r=1", "r=2", "r=4", "r=8", "r=16", "recommendation", "trained LoRA r=8"
+    ]  # fmt: skip
+    assert sweep.point("base").metric == first.retrieval["base"] and sweep.select_evaluator is not None
+    trained = sweep.point("trained LoRA r=8")
+    assert trained.kind == "trained" and trained.rank_max == 8 and trained.n_modules == 36
+    assert trained.metric is not None and abs(trained.metric - first.retrieval["lora"]) <= 1 / 20  # merged vs PEFT
+    if sweep.chosen is not None:
+        assert (out / "sweep" / "adapter" / "adapter_config.json").is_file()
 
     second = run_demo(settings)
     assert second.cached and second.retrieval == first.retrieval and second.full_ranks == first.full_ranks
+    assert second.sweep is not None and all(p.cached for p in second.sweep.points)
+    assert [p.metric for p in second.sweep.points] == [p.metric for p in sweep.points]
 
     third = run_demo(replace(settings, fresh=True))
     assert not third.cached and third.retrieval == first.retrieval

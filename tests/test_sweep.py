@@ -359,3 +359,51 @@ def test_bad_inputs_are_refused_before_any_evaluation(pair, tmp_path: Path) -> N
         with pytest.raises(error):
             spectra.sweep(b, t, fake(base, tuned, calls=calls), settings=settings(tmp_path))
     assert calls == []
+
+
+def test_a_trained_adapter_is_a_point_on_the_same_axes_never_chosen(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An adapter given as trained is merged and evaluated like the ladder's points: one that holds the rank-2
+    truncation scores exactly what the r=2 rung scores, with r=2's size, no energy (its ΔW is not TUNED's), and is
+    never the choice even when it is the smallest point within the tolerance."""
+    base, tuned, energy = pair
+    spectra.extract(base, tuned, tmp_path / "mine", RankRule(rank=2), dtype="fp32")
+    s = settings(tmp_path, ranks=(2, 16), tolerance=0.999)  # every LoRA point qualifies: the smallest is chosen
+    record = spectra.sweep(base, tuned, fake(base, tuned), settings=s, adapters={"mine": tmp_path / "mine"})
+    mine, r2 = record.point("mine"), record.point("r=2")
+    assert mine.kind == "trained" and mine.energy_kept is None and mine.ok
+    assert mine.metric == pytest.approx(r2.metric, rel=1e-6)
+    assert mine.metric == pytest.approx(-math.sqrt(1 - energy[2]), rel=1e-5)
+    assert (mine.lora_params, mine.rank_max, mine.n_modules) == (r2.lora_params, 2, 4)
+    assert record.chosen == "r=2"
+    page = spectra.sweep_html(record)
+    assert "mine" in page
+    with pytest.raises(spectra.OptionsError, match="r=2"):
+        spectra.sweep(base, tuned, fake(base, tuned), settings=s, adapters={"r=2": tmp_path / "mine"})
+    with pytest.raises(spectra.CheckpointError, match="not a PEFT LoRA adapter"):
+        spectra.sweep(base, tuned, fake(base, tuned), settings=s, adapters={"x": tuned})
+
+
+def test_biases_are_carried_as_lora_bias_or_dropped(tmp_path: Path) -> None:
+    """A changed bias of an adapted module reaches the merged model with biases="carry" (extract's default) and
+    stays at the base with "drop" (a LoRA as usually trained): the fake metric is the merged bias's change."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    w, b = rng.standard_normal((24, 16)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    dw, db = (rng.standard_normal((24, 1)) @ rng.standard_normal((1, 16))).astype(np.float32), np.ones(24, np.float32)
+    save_file({"m.lin.weight": w, "m.lin.bias": b}, str(tmp_path / "base.safetensors"))
+    save_file({"m.lin.weight": w + dw, "m.lin.bias": b + db}, str(tmp_path / "tuned.safetensors"))
+
+    def bias_change(c: Candidate) -> float:
+        return float(np.linalg.norm(load_file(str(c.model))["m.lin.bias"].astype(np.float64) - b))
+
+    moved = {}
+    for biases in ("carry", "drop"):
+        s = settings(tmp_path, ranks=(1,), biases=biases)
+        record = spectra.sweep(
+            tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", Evaluator("bias", bias_change), settings=s
+        )
+        moved[biases] = record.point("r=1").metric
+    assert moved["carry"] == pytest.approx(np.linalg.norm(db), rel=1e-6) and moved["drop"] == 0.0
+    with pytest.raises(spectra.OptionsError, match="biases"):
+        SweepSettings(biases="keep")

@@ -48,7 +48,14 @@ def sweep(
     timeout: Annotated[float | None, typer.Option(help="seconds before an evaluation is killed (it fails)")] = None,
     target: Annotated[str | None, typer.Option(help="module kinds to adapt, comma-separated (default: all)")] = None,
     include_embeddings: Annotated[bool, typer.Option(help="also adapt embeddings and lm_head")] = False,
+    drop_biases: Annotated[
+        bool, typer.Option(help="leave changed biases out of the LoRAs (default: lora_bias)")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="[LABEL=]DIR: a LoRA you trained on BASE, evaluated on the same axes (repeatable)"),
+    ] = None,
     *,
     options: Options,
 ) -> None:
@@ -68,19 +75,33 @@ def sweep(
             cache_dir=None if cache is None else str(cache),
             targets=None if target is None else tuple(target.split(",")),
             include_embeddings=include_embeddings,
+            biases="drop" if drop_biases else "carry",
         )
+        trained = dict(_labelled(a) for a in adapter or ())
+        if len(trained) < len(adapter or ()):
+            raise typer.BadParameter("each --adapter needs its own label", param_hint="--adapter")
         evaluate = spectra.shell_evaluator(eval_cmd, timeout)
         select = None if eval_select is None else spectra.shell_evaluator(eval_select, timeout)
         try:
             record = spectra.sweep(base, tuned, evaluate, settings=settings, select=select, options=options,
-                                   out_dir=outputs.stage(folder), overwrite=True, page=spectra.sweep_html,
-                                   echo=say, progress=progress("extract"))  # fmt: skip
+                                   out_dir=outputs.stage(folder), overwrite=True, adapters=trained,
+                                   page=spectra.sweep_html, echo=say, progress=progress("extract"))  # fmt: skip
         except spectra.EvaluationError as exc:
             for line in (exc.output or "").splitlines():
                 say(line)
             raise
     wrote_all(outputs)
     stdout().print(sweep_view(record))
+
+
+def _labelled(given: str) -> tuple[str, str]:
+    """ "LABEL=DIR" -> (LABEL, DIR); "DIR" -> (the folder's name, DIR)."""
+    label, sep, folder = given.partition("=")
+    if not sep:
+        return Path(given).name or given, given
+    if not label or not folder:
+        raise typer.BadParameter(f"expected LABEL=DIR or DIR, got {given!r}", param_hint="--adapter")
+    return label, folder
 
 
 def _pct(x: float | None) -> str:

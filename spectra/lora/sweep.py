@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from spectra.engine.executor import ProgressHook, identity
-from spectra.errors import OptionsError, SpectraError
+from spectra.errors import CheckpointError, OptionsError, SpectraError
 from spectra.io.checkpoint import open_checkpoint
+from spectra.io.header import TensorEntry
 from spectra.io.outputs import Outputs
 from spectra.lora.choose import choose, gain_of, ladder
 from spectra.lora.evaluate import (
@@ -48,6 +50,7 @@ from spectra.lora.resize import resize
 from spectra.lora.rules import RankRule
 from spectra.lora.split import ExtractResult, default_dtype
 from spectra.lora.targets import select as select_modules
+from spectra.peft.layout import LORA_KEY
 from spectra.peft.merge import merge_adapter
 from spectra.plan.jobs import Dense
 from spectra.records import Options, Sweep, SweepPoint, SweepSettings
@@ -69,6 +72,7 @@ def sweep(
     options: Options | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    adapters: Mapping[str, str | os.PathLike[str]] | None = None,
     page: Callable[[Sweep], str] | None = None,
     echo: Callable[[str], None] = _silent,
     progress: ProgressHook = identity,
@@ -85,13 +89,17 @@ def sweep(
         out_dir: write sweep.json, adapter/ (the chosen LoRA), adapters/ (with keep_adapters) and sweep.html
             (with `page`) there, all or nothing; None: nothing is written.
         overwrite: replace a non-empty `out_dir`.
+        adapters: label -> a PEFT LoRA adapter folder trained on the same base (e.g. the LoRA you trained), merged
+            and evaluated like the ladder's points and shown on the same axes ("trained" points; never chosen: the
+            choice is among the LoRAs extracted from TUNED).
         page: renders the HTML page (spectra.sweep_html); None: no sweep.html.
         echo: receives one progress line per step ("[3/9] r=4: extract 0.4 s, ... → 0.634 (92% of gain)").
         progress: wraps each extraction pass's stream of matrices.
 
     Raises:
         OptionsError: bad settings; keep_adapters without out_dir; out_dir is an input or not empty.
-        CheckpointError, MismatchError: as `extract` (missing inputs, nothing pairs or changed).
+        CheckpointError, MismatchError: as `extract` (missing inputs, nothing pairs or changed); an `adapters`
+            folder that is not a LoRA adapter; a label used twice.
         EvaluationError: the base or the full fine-tune cannot be evaluated (with the output's last lines in
             `.output`): without both references no point can be judged, so nothing else runs.
     """
@@ -101,7 +109,9 @@ def sweep(
         raise OptionsError("keep_adapters needs an output folder (out_dir; CLI: -o DIR)")
     evaluators = (Evaluator.of(evaluate), None if select is None else Evaluator.of(select))
     folder = (Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()) if settings.cache else None
+    trained = {str(k): Path(v) for k, v in (adapters or {}).items()}
     run = _Run(os.fspath(base), os.fspath(tuned), settings, options or Options(), evaluators, EvalCache(folder))
+    run.trained = trained
     run.echo, run.progress = echo, progress
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="spectra-sweep-") as work:
@@ -140,13 +150,19 @@ class _Run:
     step: int = 0
     n_steps: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    trained: dict[str, Path] = dataclasses.field(default_factory=dict)  # label -> adapter folder
+    work: Path = Path()
 
     def sweep(self, work: Path, out: Path | None, started: float) -> Sweep:
         work.mkdir(parents=True, exist_ok=True)
+        self.work = work
         self._inspect()
         ranks = self._ladder()
         s = self.settings
-        self.n_steps = 2 + len(ranks) + len(s.budgets) + int(s.recommendation)
+        planned = {"base", "full fine-tune", "recommendation", *(f"r={r}" for r in ranks)}
+        if clash := sorted(planned.union(_budget_label(b)[0] for b in s.budgets).intersection(self.trained)):
+            raise OptionsError(f"adapter label {clash[0]!r} is the label of a sweep point; give it another")
+        self.n_steps = 2 + len(ranks) + len(s.budgets) + int(s.recommendation) + len(self.trained)
         points = [self._reference("base"), self._reference("full fine-tune")]
         top = self._extract(work / "top", RankRule(rank=max(ranks)), "fp32")
         self.dense = top.dense_params
@@ -160,8 +176,7 @@ class _Run:
             adapters[f"r={r}"] = work / "adapters" / f"r{r}"
             points.append(self._lora(f"r={r}", "uniform", r, rule, adapters[f"r={r}"], work / "top"))
         for b in s.budgets:
-            label, slug = (f"budget {100 * b:g}%", f"budget-{100 * b:g}pct") if b < 1 else (
-                f"budget {int(b):,}", f"budget-{int(b)}")  # fmt: skip
+            label, slug = _budget_label(b)
             adapters[label] = work / "adapters" / slug
             rule = RankRule(budget=max(1, round(b * self.dense)) if b < 1 else int(b))
             points.append(self._lora(label, "budget", None, rule, adapters[label], None))
@@ -169,6 +184,7 @@ class _Run:
             adapters["recommendation"] = work / "adapters" / "recommendation"
             rule = RankRule(auto=True)
             points.append(self._lora("recommendation", "recommendation", None, rule, adapters["recommendation"], None))
+        points += [self._trained(label, folder) for label, folder in self.trained.items()]
         if self.evaluators[1] is None:
             self.notes.append(
                 "the choice was made on the reported evaluation itself, which flatters it (the best of several "
@@ -201,6 +217,8 @@ class _Run:
                 stack.enter_context(open_checkpoint(p, download=self.options.download)) for p in (self.base, self.tuned)
             ]
             _check_inputs(cks[0], cks[1])  # an adapter or TUNED = BASE: refused before anything is evaluated
+            for label, folder in self.trained.items():
+                self.trained[label] = _check_trained(label, folder, stack)
             jobs, _, _ = select_modules(cks[0], cks[1], self.options, s.include_embeddings, s.targets)
             self.shapes = [j.shape for j in jobs]
             self.store = default_dtype(j.operand.tuned.dtype_name for j in jobs if isinstance(j.operand, Dense))
@@ -255,7 +273,8 @@ class _Run:
     def _extract(self, out: Path, rule: RankRule, dtype: str) -> ExtractResult:
         s = self.settings
         return extract(self.base, self.tuned, out, rule, self.options, dtype=dtype,
-                       include_embeddings=s.include_embeddings, targets=s.targets, progress=self.progress)  # fmt: skip
+                       include_embeddings=s.include_embeddings, targets=s.targets, biases=s.biases,
+                       progress=self.progress)  # fmt: skip
 
     def _lora(self, label: str, kind: str, rank: int | None, rule: RankRule, out: Path, top: Path | None) -> SweepPoint:
         """A LoRA point: extract (or resize `top`), merge, evaluate, delete the merge; failures are recorded."""
@@ -284,6 +303,23 @@ class _Run:
             metrics[0], metrics[1], gains[0], select_gain, error, output, time.perf_counter() - started, cached,
         )  # fmt: skip
 
+    def _trained(self, label: str, folder: Path) -> SweepPoint:
+        """A LoRA trained elsewhere: merged and evaluated like the extracted ones; its size from its factors."""
+        started = time.perf_counter()
+        with open_checkpoint(os.fspath(folder)) as ck:
+            ranks, params, dense_modules = _factor_sizes(ck.entries.values())
+        metrics, timing, cached, error, output = self._measure(label, folder)
+        gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
+        select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
+        self._say(
+            label, ("cached" if cached else timing) + " → " + (f"failed: {error}" if error else _shown(metrics, gains))
+        )
+        return SweepPoint(
+            label, "trained", None, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), params,
+            self.dense, params / self.dense if self.dense else 0.0, None, dense_modules,
+            metrics[0], metrics[1], gains[0], select_gain, error, output, time.perf_counter() - started, cached,
+        )  # fmt: skip
+
     def _measure(self, label: str, adapter: Path) -> tuple[list[float | None], str, bool, str | None, str | None]:
         """(metrics, "merge … s, evaluate … s", all cached, error, output tail): merged only when not cached."""
         identity_ = adapter_identity(adapter) if self.cache.folder is not None else ""
@@ -292,7 +328,7 @@ class _Run:
         missing = [i for i, e in enumerate(self.evaluators) if e is not None and metrics[i] is None]
         if not missing:
             return metrics, "", True, None, None
-        merged_dir = adapter.parent.parent / "merged" / adapter.name
+        merged_dir = self.work / "merged" / f"point-{self.step + 1}"  # unique: labels and folder names may clash
         model = merged_dir / self.paths[0].name if self.paths[0].is_file() else merged_dir
         started = time.perf_counter()
         try:
@@ -349,6 +385,39 @@ def _shown(metrics: Sequence[float | None], gains: Sequence[float | None] | None
         gain = None if gains is None else gains[i]
         parts.append(f"{name}{value:.4g}" + ("" if gain is None else f" ({100 * gain:.0f}% of gain)"))
     return ", ".join(parts)
+
+
+def _budget_label(b: float) -> tuple[str, str]:
+    """(label, folder name) of a budget point: a share of the dense parameters, or a parameter count."""
+    return (f"budget {100 * b:g}%", f"budget-{100 * b:g}pct") if b < 1 else (f"budget {int(b):,}", f"budget-{int(b)}")
+
+
+def _check_trained(label: str, folder: Path, stack: contextlib.ExitStack) -> Path:
+    """The adapter folder of a trained point, checked to be a LoRA adapter (as read: resolved)."""
+    ck = stack.enter_context(open_checkpoint(os.fspath(folder)))
+    if ck.format != "peft-adapter" or not _factor_sizes(ck.entries.values())[0]:
+        raise CheckpointError(f"{ck.path}: the adapter of point {label!r} is not a PEFT LoRA adapter folder")
+    return ck.location
+
+
+def _factor_sizes(entries: Iterable[TensorEntry]) -> tuple[list[int], int, int]:
+    """(per-module ranks, LoRA parameters, modules at or above break-even) of an adapter's lora_A/lora_B tensors."""
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    params = 0
+    for e in entries:
+        match = LORA_KEY.match(e.name)
+        if match is None or match["part"] == "lora_magnitude_vector":
+            continue
+        params += math.prod(e.shape)
+        if match["param"] != "bias":
+            factors.setdefault(match["module"], {})[match["part"][-1]] = e.shape
+    ranks, dense = [], 0
+    for parts in factors.values():
+        if len(parts) == 2 and len(parts["A"]) == len(parts["B"]) == 2:
+            r, (m, n) = parts["A"][0], (parts["B"][0], parts["A"][1])
+            ranks.append(r)
+            dense += r * (m + n) >= m * n
+    return ranks, params, dense
 
 
 def _failed(label: str, kind: str, rank: int | None, dense: int, error: str, seconds: float) -> SweepPoint:

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from spectra.io.files import write_atomic
 from spectra.records import Sweep, SweepPoint
 from spectra.report.compare import _environment, figure_uri
 
-LORA_KINDS = ("uniform", "budget", "recommendation")
-MARKERS = {"uniform": "o", "budget": "s", "recommendation": "D"}
+LORA_KINDS = ("uniform", "budget", "recommendation", "trained")
+MARKERS = {"uniform": "o", "budget": "s", "recommendation": "D", "trained": "^"}
+COLOURS = {"trained": "#9467bd"}  # a LoRA trained elsewhere, on the metric axes only (its ΔW is not TUNED's)
 MIN_SHARE = 1e-6  # a log axis needs x > 0
 
 
@@ -46,7 +48,9 @@ def _metric_panel(
         if pts:
             xs = [max(p.params_share, MIN_SHARE) * 100 for p in pts]
             ys = [float(v) for p in pts if (v := value(p)) is not None]
-            ax.plot(xs, ys, marker=marker, ls="-" if kind == "uniform" else "none", label=kind, color="#1f5fa8")
+            label = kind if kind != "trained" else ", ".join(p.label for p in pts)
+            ax.plot(xs, ys, marker=marker, ms=9 if kind == "trained" else 6, ls="-" if kind == "uniform" else "none",
+                    label=label, color=COLOURS.get(kind, "#1f5fa8"))  # fmt: skip
     chosen = next((p for p in loras if p.label == sweep.chosen), None)
     if chosen is not None and (y := value(chosen)) is not None:
         ax.plot([max(chosen.params_share, MIN_SHARE) * 100], [y], marker="*", ms=16, color="#d62728", ls="none",
@@ -59,6 +63,9 @@ def _style(ax: Axes, ylabel: str, title: str | None = None) -> None:
     if title is not None:
         ax.set_title(title, fontsize=9)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 0.5%, 1%, 2%, 5%: readable, not 10^x
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("LoRA parameters (% of the dense matrices)", fontsize=9)
     ax.set_ylabel(ylabel, fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
@@ -85,12 +92,12 @@ def plot_sweep(sweep: Sweep) -> Figure:
 def _energy_panel(ax: Axes, sweep: Sweep) -> None:
     loras = _loras(sweep)
     for kind, marker in MARKERS.items():
-        pts = sorted((p for p in loras if p.kind == kind), key=lambda p: p.params_share)
+        pts = sorted((p for p in loras if p.kind == kind and p.energy_kept is not None), key=lambda p: p.params_share)
         if pts:
-            ax.plot([max(p.params_share, MIN_SHARE) * 100 for p in pts], [100 * p.energy_kept for p in pts],
+            ax.plot([max(p.params_share, MIN_SHARE) * 100 for p in pts], [100 * (p.energy_kept or 0.0) for p in pts],
                     marker=marker, ls="-" if kind == "uniform" else "none", label=kind, color="#ff7f0e")  # fmt: skip
     chosen = next((p for p in loras if p.label == sweep.chosen), None)
-    if chosen is not None:
+    if chosen is not None and chosen.energy_kept is not None:
         ax.plot([max(chosen.params_share, MIN_SHARE) * 100], [100 * chosen.energy_kept], marker="*", ms=16,
                 color="#d62728", ls="none", label=f"chosen: {chosen.label}")  # fmt: skip
     ax.set_ylim(0, 105)
