@@ -178,7 +178,14 @@ def recommend(
     target: Annotated[float, typer.Option(help="share of ΔW's energy the uniform rank must capture")] = 0.9,
     max_rank: Annotated[int, typer.Option(help="largest uniform rank to recommend")] = 256,
     budget: Annotated[int | None, typer.Option(help="parameters for per-module ranks (default: uniform r's)")] = None,
-    rslora: Annotated[bool, typer.Option(help="use rsLoRA scaling (α/√r) with α matched to the same scale")] = False,
+    rslora: Annotated[
+        bool | None,
+        typer.Option(
+            "--rslora/--no-rslora",
+            help="rsLoRA scaling (α/√r, α fixed at 2√8) instead of α = 2r; default: when a rank exceeds 16",
+            show_default=False,
+        ),
+    ] = None,
     include_embeddings: Annotated[bool, typer.Option(help="also target embeddings and lm_head")] = False,
     base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path to put in the config")] = None,
     task_type: Annotated[str, typer.Option(help=TASK_TYPE_HELP)] = "auto",

@@ -297,6 +297,11 @@ def _ranks(k: KindUse) -> str:
     return ",".join(map(str, k.ranks))
 
 
+def _alpha_text(alpha: object) -> str:
+    """lora_alpha as written, a float shortened (2√8 = 5.65685…)."""
+    return f"{alpha:.4g}" if isinstance(alpha, float) else str(alpha)
+
+
 def written_variant(rec: Recommendation) -> str:
     """Which config `rec` holds (what `spectra recommend -o` writes), in one phrase read from the config itself."""
     config = rec.config
@@ -305,7 +310,8 @@ def written_variant(rec: Recommendation) -> str:
     rslora = ", use_rslora" if config.get("use_rslora") else ""
     keys = f", {pattern} rank_pattern keys" if pattern else ""
     return (
-        f"the {variant} variant (r = {config.get('r')}, lora_alpha = {config.get('lora_alpha')}{rslora}{keys}, "
+        f"the {variant} variant (r = {config.get('r')}, lora_alpha = {_alpha_text(config.get('lora_alpha'))}"
+        f"{rslora}{keys}, "
         f"task_type {config.get('task_type')})"
     )
 

@@ -19,7 +19,7 @@ from builders import layer_metrics
 from spectra import LayerMetrics, OptionsError, RecommendSettings, SpectraError, recommend, write_adapter_config
 from spectra.analysis.baselines import max_lora_rank
 from spectra.lora.allocate import allocate_ranks, uniform_tradeoff
-from spectra.lora.recommend import TASK_TYPES
+from spectra.lora.recommend import RSLORA_ADVICE, TASK_TYPES
 from spectra.names import CAVEAT
 from spectra.peft.config import EXCLUDE_NOTE, LEGACY_NOTE
 
@@ -291,7 +291,7 @@ def test_recommend_mixed_ranks_and_exclusions_resolve_exactly() -> None:
         for k, kind in enumerate(("q_proj", "k_proj", "v_proj"))
     ]
     layers += [block(i, "v_proj", (64, 64), rng.random(64) * 0.01) for i in (10, 11)]  # rank 0: excluded
-    rec = recommend(layers, budget=20 * 128 * 12, rule="energy")
+    rec = recommend(layers, budget=20 * 128 * 12, rule="energy", rslora=False)  # α = 2r: checked below
     assert rec is not None
     zero = {lm.name for lm in layers if rec.allocation[lm.name] == 0}
     assert {"model.layers.10.self_attn.v_proj.weight", "model.layers.11.self_attn.v_proj.weight"} <= zero
@@ -338,10 +338,24 @@ def test_recommend_rslora() -> None:
     cfg = rec.config
     assert cfg["use_rslora"] is True
     resolved = {lm.kind: peft_rank(cfg, lm.name.removesuffix(".weight")) for lm in layers}
-    assert resolved["q_proj"] == (16, 8)  # α = 2√16
+    assert resolved["q_proj"] == (16, pytest.approx(2 * math.sqrt(8)))  # α fixed at 2√8, not 2√16
     r_v, alpha_v = resolved["v_proj"]  # type: ignore[misc]
     assert r_v == 8 and alpha_v == pytest.approx(2 * math.sqrt(8)) and alpha_v / math.sqrt(r_v) == pytest.approx(2)
     assert any("rsLoRA" in a for a in rec.advice)
+
+
+def test_rslora_is_used_above_rank_16_unless_told() -> None:
+    """Auto (rslora=None): α = 2r up to r = 16, rsLoRA with α = 2√8 when a rank exceeds 16 (where α = 2r stopped
+    training on the measured task); an explicit True/False wins either way."""
+    small = [block(0, "q_proj", (64, 64), [1.0] * 16)]
+    large = [block(0, "q_proj", (64, 64), [1.0] * 17)]
+    for layers, auto in ((small, False), (large, True)):
+        for rslora, want in ((None, auto), (True, True), (False, False)):
+            rec = recommend(layers, rslora=rslora, target=1.0, budget=len(layers[0].s) * 128)
+            assert rec is not None and rec.config["use_rslora"] is want
+            r, alpha = peft_rank(rec.config, layers[0].name.removesuffix(".weight"))  # type: ignore[misc]
+            assert r == len(layers[0].s) and alpha == pytest.approx(2 * math.sqrt(8) if want else 2 * r)
+            assert (RSLORA_ADVICE in rec.advice) is want
 
 
 # ---------------------------------------------------------------- writing

@@ -76,8 +76,9 @@ def check(
     assert set(got) == {m for m, r in expected.items() if r > 0}  # untargeted and rank-0 modules: no adapter
     for module, (r, alpha, scaling) in got.items():
         assert r == expected[module]
-        assert alpha == pytest.approx(2 * math.sqrt(r) if rslora else 2 * r)
-        assert scaling == pytest.approx(2.0)  # α/r = 2, or α/√r = 2 with rsLoRA
+        assert alpha == pytest.approx(2 * math.sqrt(8) if rslora else 2 * r)
+        # α/r = 2, or with rsLoRA α fixed at 2√8: scale 2·√(8/r) (2 at r = 8)
+        assert scaling == pytest.approx(2.0 * math.sqrt(8 / r) if rslora else 2.0)
 
 
 def tiny_llama() -> Any:

@@ -33,12 +33,14 @@ VARIANTS = ("per-module", "uniform")  # what the written config holds
 
 ADVICE = (
     "Practice, not derived from this spectrum (Biderman et al. 2024): target all linear modules "
-    "(q, k, v, o, gate, up, down) with α = 2r; LoRA suits instruction tuning better than continued pretraining.",
+    "(q, k, v, o, gate, up, down); LoRA suits instruction tuning better than continued pretraining.",
     "Practice, not derived from this spectrum (Hayou et al. 2024, LoRA+): learning rate of B = 16 × that of A.",
-    "Practice, not derived from this spectrum (Biderman et al. 2024): LoRA is more sensitive to the learning rate "
-    "than full fine-tuning and usually wants a higher one (often about 10×); sweep it and use the highest that "
-    "trains stably.",
+    "Measured on spectra's demo task (benchmarks/train_alpha.py), not derived from this spectrum: at r ≤ 16 with "
+    "α = 2r the best LoRA learning rate was about 10× full fine-tuning's (2× that was already worse); with rsLoRA "
+    "and α fixed, at r = 64–256, it was 2.5–5× full fine-tuning's; with α = 2r at r ≥ 64 a higher learning rate "
+    "collapses training instead of helping. Sweep around these values.",
 )
+RSLORA_ABOVE = 16  # above this rank the recommended config uses rsLoRA with a fixed α (measured, see ADVICE)
 RULE_NAMES = {
     "energy": "energy@target: reconstruction of ΔW",
     "gd": "Gavish–Donoho hard threshold",
@@ -46,8 +48,11 @@ RULE_NAMES = {
     "stable": "⌈stable rank⌉",
 }
 RSLORA_ADVICE = (
-    "Practice, not derived from this spectrum (Kalajdzievski 2023, rsLoRA): the scale is α/√r; α = 2√r gives "
-    "every module the scale 2 that α = 2r gives plain LoRA."
+    "Measured on spectra's demo task (benchmarks/train_alpha.py), not derived from this spectrum: with α = 2r the "
+    "update grows like √r at a fixed learning rate, and at the rate that suits r = 8 a LoRA with α = 2r kept half of "
+    "r = 8's gain at r = 32 and none at r = 64; rsLoRA (use_rslora, scale α/√r) with α held fixed at 2√8 ≈ 5.66 "
+    "kept the update's size flat across ranks and matched the full fine-tune at r = 64 and 256, so this config uses "
+    "it (not α = 2r, nor α = 2√r, which give every rank the scale 2)."
 )
 
 
@@ -60,7 +65,9 @@ class RecommendSettings:
         target: energy share in (0, 1] the uniform rank must capture over the targeted matrices.
         max_rank: cap on the uniform rank, ≥ 1; when it binds, `cap_binds` is set and `reason` says so.
         budget: LoRA parameters for the per-module allocation, ≥ 1; None spends what the uniform rank costs.
-        rslora: use rsLoRA scaling (α/√r) with α = 2√r, the same scale as α = 2r in plain LoRA.
+        rslora: use rsLoRA scaling (α/√r) with α fixed at 2√8 (scale 2 at r = 8) instead of α = 2r; None (the
+            default) uses it when the config's largest rank exceeds RSLORA_ABOVE (16), where α = 2r stopped
+            training on the measured task.
         include_embeddings: also target embeddings and the output head.
         base_model: written as base_model_name_or_path.
         task_type: PEFT task type written to the config (one of TASK_TYPES), or None for a bare model (PEFT's plain
@@ -76,7 +83,7 @@ class RecommendSettings:
     target: float = 0.9
     max_rank: int = 256
     budget: int | None = None
-    rslora: bool = False
+    rslora: bool | None = None
     include_embeddings: bool = False
     base_model: str | None = None
     task_type: str | None = None
@@ -174,8 +181,16 @@ def _peft_config(
     """The PEFT config realising `allocation` over every analysed matrix, and its compatibility notes."""
     kinds = {lm.name: lm.kind for lm in layers}
     return build_adapter_config(
-        kinds, allocation, rslora=settings.rslora, task_type=settings.task_type, base_model=settings.base_model
-    )
+        kinds, allocation, rslora=uses_rslora(allocation, settings), task_type=settings.task_type,
+        base_model=settings.base_model,
+    )  # fmt: skip
+
+
+def uses_rslora(allocation: Mapping[str, int], settings: RecommendSettings) -> bool:
+    """settings.rslora, or when it is None (auto): whether a rank of `allocation` exceeds RSLORA_ABOVE."""
+    if settings.rslora is not None:
+        return settings.rslora
+    return max(allocation.values(), default=0) > RSLORA_ABOVE
 
 
 def _count(n: int) -> str:
@@ -297,7 +312,7 @@ def recommend(
         target_modules=tuple(config["target_modules"]),
         config=config,
         reason=" ".join(sentences),
-        advice=(*ADVICE, *([RSLORA_ADVICE] if settings.rslora else []), *notes),
+        advice=(*ADVICE, *([RSLORA_ADVICE] if config.get("use_rslora") else []), *notes),
         caveat=CAVEAT,
         variant=settings.variant,
         rule=settings.rule,

@@ -47,12 +47,14 @@ COMPUTED = frozenset(
 UNMIRRORED = frozenset({"layers_to_transform", "layers_pattern", "target_parameters", *VARIANTS})
 
 
+RSLORA_ALPHA = 2 * math.sqrt(8)  # rsLoRA's fixed α: the scale α/√r of α = 2r at the reference rank r = 8
+
+
 def _alpha(r: int, rslora: bool) -> float | int:
-    """lora_alpha giving the scale 2 (α/r = 2, or α/√r = 2 with rsLoRA)."""
-    if not rslora:
-        return 2 * r
-    root = math.isqrt(r)
-    return 2 * root if root * root == r else 2.0 * math.sqrt(r)
+    """lora_alpha for a recommended LoRA: α = 2r (scale 2) in plain LoRA; with rsLoRA α held fixed at RSLORA_ALPHA
+    (scale 2 at r = 8, 2·√(8/r) above), which kept the update's size flat across ranks where α = 2r let it grow
+    like √r and stop training (benchmarks/train_alpha.py, README "α and learning rate")."""
+    return RSLORA_ALPHA if rslora else 2 * r
 
 
 def _tidy(value: float) -> float | int:
@@ -113,8 +115,8 @@ def build_adapter_config(
         rslora: rsLoRA scaling (α/√r).
         task_type: PEFT task type ("CAUSAL_LM", or None for a bare model; see `spectra.peft.task.infer_task_type`).
         base_model: written as base_model_name_or_path.
-        alphas: module -> lora_alpha for the ranked modules; None gives every module the scale 2 (α = 2r, or
-            α = 2√r with rsLoRA).
+        alphas: module -> lora_alpha for the ranked modules; None: α = 2r (scale 2), or with rsLoRA α = 2√8 for
+            every module (scale 2 at r = 8, 2·√(8/r) above).
         extra: more LoraConfig fields written as given (lora_dropout, lora_bias, fan_in_fan_out, modules_to_save,
             ...); not the computed ones, nor the layer filters and LoRA variants the verification does not mirror.
 

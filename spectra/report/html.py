@@ -280,6 +280,11 @@ def _num(x: float | int | None) -> str:
     return f"{x:.0f}" if v >= 100 else f"{x:.1f}" if v >= 10 else f"{x:.3g}"
 
 
+def _alpha(alpha: object) -> str:
+    """lora_alpha as written, a float shortened (2√8 = 5.65685…)."""
+    return f"{alpha:.4g}" if isinstance(alpha, float) else str(alpha)
+
+
 def _pct(x: float | None) -> str:
     """A share in percent: one decimal (rounded down near 100%, so a shortfall never reads 100.0%)."""
     if x is None:
@@ -313,7 +318,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(num=_num, pct=_pct, size=_size, code=code_spans)
+    env.filters.update(num=_num, pct=_pct, size=_size, code=code_spans, alpha=_alpha)
     env.globals.update(
         caveat=CAVEAT,
         skip_reasons=SKIP_REASONS,
