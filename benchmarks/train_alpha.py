@@ -8,7 +8,8 @@ Scalings (PEFT's update is scale · B A, B initialised to zero):
   C  plain LoRA, α = 16 fixed     scale α/r = 16/r: 2 at r = 8, 0.25 at r = 64, 0.0625 at r = 256
 At r = 8 all three give scale 2 (identical runs), so r = 8 is trained once per learning rate.
 
-    python benchmarks/train_alpha.py [--ranks 8,64,256] [--lrs 2.5e-4,1e-3] [--scalings A,B,C] [--json OUT]
+    python benchmarks/train_alpha.py [--ranks 8,64,256] [--lrs 2.5e-4,1e-3] [--scalings A,B,C] [--skip C@2.5e-4]
+                                     [--base] [--seed 0] [--threads 1] [--json OUT]
 
 Everything but the LoRA config and the learning rate is the demo's recipe (spectra_demo.train.Recipe: 40 AdamW
 steps of 16 pairs, seed 0, no weight decay, no dropout); the model is the packaged all-MiniLM-L6-v2, offline.
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="2.5e-4,1e-3")
     parser.add_argument("--skip", default="", help="cells to leave out, e.g. 'C@2.5e-4,64@2.5e-4' (scaling or rank)")
     parser.add_argument("--base", action="store_true", help="also measure the base model's top-1")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe's seed (batches and LoRA A init); demo: 0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -173,7 +175,7 @@ def main() -> None:
     for item in filter(None, args.skip.split(",")):
         what, _, lr = item.partition("@")
         cells = [c for c in cells if not (what in (c.scaling, str(c.rank)) and math.isclose(c.lr, float(lr)))]
-    recipe = Recipe()
+    recipe = Recipe(seed=args.seed)
     corpus = load_corpus(recipe.n_test)
     batches = training_batches(corpus.train, recipe)
     src = model_dir()
