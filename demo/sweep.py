@@ -10,6 +10,7 @@ second run evaluates nothing and a retrained entry starts afresh.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def sweep_full_fine_tune(
     )
     # biases dropped: the LoRAs hold only B·A of the 36 matrices, like the trained LoRA (PEFT's bias="none")
     settings = SweepSettings(ranks=LADDER, recommendation=True, cache_dir=str(cache_dir), biases="drop")
-    return spectra.sweep(
+    record = spectra.sweep(
         base,
         trained.full,
         test,
@@ -106,7 +107,10 @@ def sweep_full_fine_tune(
         out_dir=out_dir / SWEEP_FOLDER,
         overwrite=True,
         adapters={f"trained LoRA r={recipe.lora_r}": trained.lora_adapter},
-        page=spectra.sweep_html,
         echo=echo,
         progress=progress,
     )
+    # the page names no folder of this machine (the cache, site-packages); sweep.json keeps the real paths
+    shown = replace(record, base="all-MiniLM-L6-v2/model.safetensors", tuned="full-fine-tune/model.safetensors")
+    spectra.write_sweep_report(shown, out_dir / SWEEP_FOLDER / "sweep.html")
+    return record

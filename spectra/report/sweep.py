@@ -117,13 +117,19 @@ def ranks_text(p: SweepPoint) -> str:
     return f"{p.rank_min}–{p.rank_max} (median {p.rank_median:g})"
 
 
+def _shown_path(path: str) -> str:
+    """The last two parts of a path ("full/model.safetensors"): a bare "model.safetensors" says nothing."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if parts else path
+
+
 def sweep_html(sweep: Sweep) -> str:
     """The page of a `sweep` record: the reason, the curves (metric and energy against size), the table, notes."""
     return (
         _environment()
         .get_template("sweep.html")
         .render(
-            title=f"spectra sweep: {Path(sweep.tuned).name or sweep.tuned}",
+            title=f"spectra sweep: {_shown_path(sweep.tuned)}",
             s=sweep,
             plot=figure_uri(plot_sweep(sweep)),
             ranks=ranks_text,
