@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import PairFactory
@@ -83,8 +84,24 @@ def test_bad_usage_exits_2_before_anything_runs(planted_pair: PairFactory, tmp_p
         (["--eval", "echo 1 {model}", "--tolerance", "1.5"], "tolerance"),
         (["--eval", "echo 1 {model}", "--ranks", "four"], "--ranks"),
         (["--eval", "echo 1 {model}", "--budgets", "150%"], "budget"),
+        (["--eval", "echo 1 {model}", "--adapter", "=x"], "LABEL=DIR"),
+        (["--eval", "echo 1 {model}", "--adapter", "a=x", "--adapter", "a=y"], "its own label"),
     ):
         result = invoke("sweep", base, tuned, *extra, "-o", tmp_path / "o", "--no-cache")
         assert result.exit_code == 2, (extra, result.output)
         assert "Traceback" not in result.output and fragment in result.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_a_trained_adapter_is_a_row_of_the_table(planted_pair: PairFactory, tmp_path: Path) -> None:
+    import spectra
+
+    base, tuned, _ = planted_pair(shape=(48, 40))
+    spectra.extract(base, tuned, tmp_path / "my lora", spectra.RankRule(rank=2))
+    args = ["sweep", base, tuned, "--eval", evaluation(tmp_path), "--ranks", "2,4", "--no-recommendation"]
+    result = invoke(*args, "--adapter", f"mine={tmp_path / 'my lora'}", "-o", tmp_path / "o", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert "[5/5] mine: merge" in result.stderr and "│ mine " in result.stdout
+    points = json.loads((tmp_path / "o" / "sweep.json").read_text())["points"]
+    assert [p["kind"] for p in points] == ["base", "full", "uniform", "uniform", "trained"]
+    assert points[-1]["energy_kept"] is None and points[-1]["metric"] == pytest.approx(points[2]["metric"], rel=1e-6)
