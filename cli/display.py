@@ -365,7 +365,8 @@ def recommendation_view(
     table = fit_table([(columns, 1)], width, title="uniform LoRA rank: trade-off over the targeted matrices")
     advice: list[Text] = []
     if rec.advice:
-        advice.append(Text("\nAdvice not derived from the spectrum (practice, and measurements on the demo task):", style="bold"))
+        heading = "\nAdvice not derived from the spectrum (practice, and measurements on the demo task):"
+        advice.append(Text(heading, style="bold"))
         advice.extend(Text(f"  - {printable(line)}") for line in rec.advice)
     return Group(table, Text(""), *lines, *advice)
 
