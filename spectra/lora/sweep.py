@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -30,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from spectra.engine.executor import ProgressHook, identity
-from spectra.errors import CheckpointError, OptionsError, SpectraError
+from spectra.errors import OptionsError, SpectraError
 from spectra.io.checkpoint import open_checkpoint
-from spectra.io.header import TensorEntry
 from spectra.io.outputs import Outputs
 from spectra.lora.choose import choose, gain_of, ladder
 from spectra.lora.evaluate import (
@@ -46,11 +44,11 @@ from spectra.lora.evaluate import (
     save_sweep,
 )
 from spectra.lora.extract import _check_inputs, extract
+from spectra.lora.points import budget_label, check_trained, factor_sizes, failed, shown
 from spectra.lora.resize import resize
 from spectra.lora.rules import RankRule
 from spectra.lora.split import ExtractResult, default_dtype
 from spectra.lora.targets import select as select_modules
-from spectra.peft.layout import LORA_KEY
 from spectra.peft.merge import merge_adapter
 from spectra.plan.jobs import Dense
 from spectra.records import Options, Sweep, SweepPoint, SweepSettings
@@ -160,7 +158,7 @@ class _Run:
         ranks = self._ladder()
         s = self.settings
         planned = {"base", "full fine-tune", "recommendation", *(f"r={r}" for r in ranks)}
-        if clash := sorted(planned.union(_budget_label(b)[0] for b in s.budgets).intersection(self.trained)):
+        if clash := sorted(planned.union(budget_label(b)[0] for b in s.budgets).intersection(self.trained)):
             raise OptionsError(f"adapter label {clash[0]!r} is the label of a sweep point; give it another")
         self.n_steps = 2 + len(ranks) + len(s.budgets) + int(s.recommendation) + len(self.trained)
         points = [self._reference("base"), self._reference("full fine-tune")]
@@ -176,7 +174,7 @@ class _Run:
             adapters[f"r={r}"] = work / "adapters" / f"r{r}"
             points.append(self._lora(f"r={r}", "uniform", r, rule, adapters[f"r={r}"], work / "top"))
         for b in s.budgets:
-            label, slug = _budget_label(b)
+            label, slug = budget_label(b)
             adapters[label] = work / "adapters" / slug
             rule = RankRule(budget=max(1, round(b * self.dense)) if b < 1 else int(b))
             points.append(self._lora(label, "budget", None, rule, adapters[label], None))
@@ -218,7 +216,7 @@ class _Run:
             ]
             _check_inputs(cks[0], cks[1])  # an adapter or TUNED = BASE: refused before anything is evaluated
             for label, folder in self.trained.items():
-                self.trained[label] = _check_trained(label, folder, stack)
+                self.trained[label] = check_trained(label, folder, stack)
             jobs, _, _ = select_modules(cks[0], cks[1], self.options, s.include_embeddings, s.targets)
             self.shapes = [j.shape for j in jobs]
             self.store = default_dtype(j.operand.tuned.dtype_name for j in jobs if isinstance(j.operand, Dense))
@@ -263,7 +261,7 @@ class _Run:
         self.refs[0].append(metrics[0])
         self.refs[1].append(metrics[1])
         seconds = time.perf_counter() - started
-        self._say(label, f"{'cached' if cached else f'evaluate {seconds:.1f} s'} → {_shown(metrics)}")
+        self._say(label, f"{'cached' if cached else f'evaluate {seconds:.1f} s'} → {shown(metrics)}")
         return SweepPoint(
             label, "full" if full else "base", None, 0, 0.0, 0, 0, 0, 0, 0.0, float(full), 0,
             metrics[0], metrics[1], float(full), float(full) if metrics[1] is not None else None,
@@ -287,7 +285,7 @@ class _Run:
                 result = self._extract(out, rule, self.store)
         except SpectraError as exc:
             self._say(label, f"extract → failed: {exc}")
-            return _failed(label, kind, rank, self.dense, f"extraction failed: {exc}", time.perf_counter() - started)
+            return failed(label, kind, rank, self.dense, f"extraction failed: {exc}", time.perf_counter() - started)
         extracted = time.perf_counter() - started
         ranks = [m.rank for m in result.modules]
         kept = sum(m.captured * m.energy for m in result.modules) / self.total_energy if self.total_energy else 0.0
@@ -296,7 +294,7 @@ class _Run:
         gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
         select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
         steps = f"extract {extracted:.1f} s, " + ("cached" if cached else timing)
-        self._say(label, f"{steps} → " + (f"failed: {error}" if error else _shown(metrics, gains)))
+        self._say(label, f"{steps} → " + (f"failed: {error}" if error else shown(metrics, gains)))
         return SweepPoint(
             label, kind, rank, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), result.params,
             self.dense, result.params / self.dense if self.dense else 0.0, min(kept, 1.0), dense_modules,
@@ -307,12 +305,12 @@ class _Run:
         """A LoRA trained elsewhere: merged and evaluated like the extracted ones; its size from its factors."""
         started = time.perf_counter()
         with open_checkpoint(os.fspath(folder)) as ck:
-            ranks, params, dense_modules = _factor_sizes(ck.entries.values())
+            ranks, params, dense_modules = factor_sizes(ck.entries.values())
         metrics, timing, cached, error, output = self._measure(label, folder)
         gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
         select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
         self._say(
-            label, ("cached" if cached else timing) + " → " + (f"failed: {error}" if error else _shown(metrics, gains))
+            label, ("cached" if cached else timing) + " → " + (f"failed: {error}" if error else shown(metrics, gains))
         )
         return SweepPoint(
             label, "trained", None, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), params,
@@ -375,54 +373,6 @@ class _Run:
                 p = dataclasses.replace(p, adapter="adapter")
             kept.append(p)
         return kept
-
-
-def _shown(metrics: Sequence[float | None], gains: Sequence[float | None] | None = None) -> str:
-    parts = []
-    for i, (name, value) in enumerate(zip(("", "select "), metrics, strict=True)):
-        if value is None:
-            continue
-        gain = None if gains is None else gains[i]
-        parts.append(f"{name}{value:.4g}" + ("" if gain is None else f" ({100 * gain:.0f}% of gain)"))
-    return ", ".join(parts)
-
-
-def _budget_label(b: float) -> tuple[str, str]:
-    """(label, folder name) of a budget point: a share of the dense parameters, or a parameter count."""
-    return (f"budget {100 * b:g}%", f"budget-{100 * b:g}pct") if b < 1 else (f"budget {int(b):,}", f"budget-{int(b)}")
-
-
-def _check_trained(label: str, folder: Path, stack: contextlib.ExitStack) -> Path:
-    """The adapter folder of a trained point, checked to be a LoRA adapter (as read: resolved)."""
-    ck = stack.enter_context(open_checkpoint(os.fspath(folder)))
-    if ck.format != "peft-adapter" or not _factor_sizes(ck.entries.values())[0]:
-        raise CheckpointError(f"{ck.path}: the adapter of point {label!r} is not a PEFT LoRA adapter folder")
-    return ck.location
-
-
-def _factor_sizes(entries: Iterable[TensorEntry]) -> tuple[list[int], int, int]:
-    """(per-module ranks, LoRA parameters, modules at or above break-even) of an adapter's lora_A/lora_B tensors."""
-    factors: dict[str, dict[str, tuple[int, ...]]] = {}
-    params = 0
-    for e in entries:
-        match = LORA_KEY.match(e.name)
-        if match is None or match["part"] == "lora_magnitude_vector":
-            continue
-        params += math.prod(e.shape)
-        if match["param"] != "bias":
-            factors.setdefault(match["module"], {})[match["part"][-1]] = e.shape
-    ranks, dense = [], 0
-    for parts in factors.values():
-        if len(parts) == 2 and len(parts["A"]) == len(parts["B"]) == 2:
-            r, (m, n) = parts["A"][0], (parts["B"][0], parts["A"][1])
-            ranks.append(r)
-            dense += r * (m + n) >= m * n
-    return ranks, params, dense
-
-
-def _failed(label: str, kind: str, rank: int | None, dense: int, error: str, seconds: float) -> SweepPoint:
-    return SweepPoint(label, kind, rank, 0, 0.0, 0, 0, 0, dense, 0.0, 0.0, 0, None, None, None, None, error, None,
-                      seconds, False)  # fmt: skip
 
 
 def _version() -> str:
