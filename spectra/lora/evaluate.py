@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from spectra.errors import OptionsError, SpectraError
 from spectra.io.files import write_atomic
-from spectra.io.store import record_from_dict, record_to_dict, register_format
+from spectra.io.store import record_from_dict, record_to_dict, register_format, write_record
 from spectra.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, printable
 from spectra.records import Sweep
 
@@ -318,12 +318,12 @@ def sweep_json(record: Sweep) -> str:
 
 
 def save_sweep(record: Sweep, path: str | os.PathLike[str]) -> Path:
-    """Write `sweep_json(record)` to `path` atomically; `spectra.load_record(path)` reads it back.
+    """Write the record as `spectra.sweep/1` JSON to `path` atomically; `spectra.load_record(path)` reads it back.
 
     Raises:
         SpectraError: the file cannot be written.
     """
-    return write_atomic(Path(path), sweep_json(record))
+    return write_record(record, FORMAT, Path(path))
 
 
 register_format(FORMAT, sweep_from_dict)

@@ -287,34 +287,40 @@ class _Run:
             self._say(label, f"extract → failed: {exc}")
             return failed(label, kind, rank, self.dense, f"extraction failed: {exc}", time.perf_counter() - started)
         extracted = time.perf_counter() - started
-        ranks = [m.rank for m in result.modules]
         kept = sum(m.captured * m.energy for m in result.modules) / self.total_energy if self.total_energy else 0.0
         dense_modules = sum(m.rank * (m.shape[0] + m.shape[1]) >= m.shape[0] * m.shape[1] for m in result.modules)
-        metrics, timing, cached, error, output = self._measure(label, out)
-        gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
-        select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
-        steps = f"extract {extracted:.1f} s, " + ("cached" if cached else timing)
-        self._say(label, f"{steps} → " + (f"failed: {error}" if error else shown(metrics, gains)))
-        return SweepPoint(
-            label, kind, rank, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), result.params,
-            self.dense, result.params / self.dense if self.dense else 0.0, min(kept, 1.0), dense_modules,
-            metrics[0], metrics[1], gains[0], select_gain, error, output, time.perf_counter() - started, cached,
-        )  # fmt: skip
+        ranks = [m.rank for m in result.modules]
+        size = (ranks, result.params, min(kept, 1.0), dense_modules)
+        return self._evaluated(label, kind, rank, size, out, started, f"extract {extracted:.1f} s, ")
 
     def _trained(self, label: str, folder: Path) -> SweepPoint:
         """A LoRA trained elsewhere: merged and evaluated like the extracted ones; its size from its factors."""
         started = time.perf_counter()
         with open_checkpoint(os.fspath(folder)) as ck:
             ranks, params, dense_modules = factor_sizes(ck.entries.values())
-        metrics, timing, cached, error, output = self._measure(label, folder)
+        return self._evaluated(label, "trained", None, (ranks, params, None, dense_modules), folder, started, "")
+
+    def _evaluated(
+        self,
+        label: str,
+        kind: str,
+        rank: int | None,
+        size: tuple[list[int], int, float | None, int],
+        adapter: Path,
+        started: float,
+        steps: str,
+    ) -> SweepPoint:
+        """The point of `adapter` (size: per-module ranks, LoRA parameters, energy kept, modules at break-even):
+        merged and evaluated (`_measure`), its gains, and its progress line (after `steps`)."""
+        ranks, params, kept, dense_modules = size
+        metrics, timing, cached, error, output = self._measure(label, adapter)
         gains = [gain_of(v, ref) for v, ref in zip(metrics, self.refs, strict=True)]
         select_gain = gains[1] if self.evaluators[1] is not None else gains[0]
-        self._say(
-            label, ("cached" if cached else timing) + " → " + (f"failed: {error}" if error else shown(metrics, gains))
-        )
+        steps += "cached" if cached else timing
+        self._say(label, f"{steps} → " + (f"failed: {error}" if error else shown(metrics, gains)))
         return SweepPoint(
-            label, "trained", None, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), params,
-            self.dense, params / self.dense if self.dense else 0.0, None, dense_modules,
+            label, kind, rank, min(ranks), float(np.median(ranks)), max(ranks), len(ranks), params,
+            self.dense, params / self.dense if self.dense else 0.0, kept, dense_modules,
             metrics[0], metrics[1], gains[0], select_gain, error, output, time.perf_counter() - started, cached,
         )  # fmt: skip
 
