@@ -304,6 +304,25 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
         CheckpointError: the file is a pickle, not a regular file, unreadable, not safetensors, malformed (see the
             module docstring), or shorter than its header says.
     """
+    header, data_start, size = _header_json(file)
+    return _entries(file, header, data_start, size)
+
+
+def read_metadata(file: Path) -> dict[str, str] | None:
+    """The header's `__metadata__` mapping (validated as read_header does), or None when it has none.
+
+    Raises:
+        CheckpointError: as read_header.
+    """
+    header, _, _ = _header_json(file)
+    meta = header.get("__metadata__")
+    _check_metadata(file, meta)
+    assert meta is None or isinstance(meta, dict)  # _check_metadata: a string -> string mapping
+    return None if meta is None else dict(meta)
+
+
+def _header_json(file: Path) -> tuple[dict[str, object], int, int]:
+    """(the header's JSON object, offset of the data, file size): read and checked to be a safetensors header."""
     if is_pickle_name(file.name):
         raise CheckpointError(f"{shown(file)}: pickle checkpoint refused; {_PICKLE_HINT}")
     fd, size = open_regular(file)
@@ -320,7 +339,7 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
     header = parse_json(text, file, "header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{shown(file)}: not a safetensors file (header is not a JSON object)")
-    return _entries(file, header, 8 + n_header, size)
+    return header, 8 + n_header, size
 
 
 def _explain_not_safetensors(file: Path, head: bytes, size: int) -> str:

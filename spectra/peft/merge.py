@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 
 from spectra.errors import CheckpointError, MismatchError, OptionsError, SpectraError
 from spectra.io.checkpoint import Checkpoint, _Folder, open_checkpoint
-from spectra.io.header import DTYPES, TensorEntry, open_regular, parse_json, quoted, read_small_file, shown
+from spectra.io.header import DTYPES, TensorEntry, open_regular, quoted, read_metadata, read_small_file, shown
 from spectra.io.outputs import Outputs
 from spectra.names import ADAPTER_WEIGHTS, INDEX_NAME, natural_key
 from spectra.peft.layout import PREFIX, saved_hits
@@ -184,7 +183,7 @@ def _write_all(
                 if writer is not None:
                     writer.close()
                 path = staged if single else staged / entry.file.name
-                writer, current = TensorFile(path, files[entry.file], _metadata(entry.file)), entry.file
+                writer, current = TensorFile(path, files[entry.file], read_metadata(entry.file)), entry.file
             _write(base, lora, entry, writer, updates.get(name))
         if writer is not None:
             writer.close()
@@ -337,20 +336,6 @@ def _layouts(base: Checkpoint, dtype: torch.dtype | None) -> dict[Path, list[Ten
             TensorSpec(name, entry.shape, dtype if dtype is not None and entry.is_float else stored)
         )
     return files
-
-
-def _metadata(file: Path) -> dict[str, str] | None:
-    """The __metadata__ of a safetensors header (already validated by read_header), or None when it has none."""
-    fd, _ = open_regular(file)
-    try:
-        n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
-        header = parse_json(os.pread(fd, n, 8), file, "header")
-    except OSError as exc:
-        raise CheckpointError(f"{shown(file)}: cannot read its header ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return None if meta is None else dict(meta)
 
 
 def _write(base: Checkpoint, lora: Checkpoint, entry: TensorEntry, file: TensorFile, update: _Update | None) -> None:
