@@ -27,7 +27,8 @@ from spectra import Options, analyze, recommend
 from spectra.analysis.baselines import RULES
 from spectra_demo.cache import default_cache_dir, load_trained
 from spectra_demo.data import load_corpus
-from spectra_demo.train import Recipe, _load_base, model_dir, top1_retrieval, training_batches
+from spectra_demo.sweep import validation_pairs
+from spectra_demo.train import Recipe, _load_base, model_dir, top1_retrieval
 
 UNIFORM = (1, 2, 4, 8, 16, 32, 64)
 
@@ -53,8 +54,7 @@ def main() -> None:
     base_file, full_file = src / "model.safetensors", trained.full
 
     corpus = load_corpus(recipe.n_test)
-    used = {p.origin for batch in training_batches(corpus.train, recipe) for p in batch}
-    validation = [p for p in corpus.train if p.origin not in used][:500]
+    validation = validation_pairs(corpus, recipe)  # the demo's sweep selects on the same pairs
     splits = {"val": validation, "test": list(corpus.test)}
 
     base = load_file(str(base_file))

@@ -467,7 +467,8 @@ def _flat(record: Any) -> dict[str, Any]:
 
 
 DEFAULT_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
-POINT_KINDS = ("base", "full", "uniform", "budget", "recommendation", "trained")  # trained: a LoRA given, not extracted
+EXTRACTED_KINDS = ("uniform", "budget", "recommendation")  # LoRAs extracted from TUNED: the sweep chooses among them
+POINT_KINDS = ("base", "full", *EXTRACTED_KINDS, "trained")  # trained: a LoRA given, not extracted
 
 
 @dataclass(frozen=True, slots=True)

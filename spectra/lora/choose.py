@@ -5,11 +5,8 @@ the choice of the smallest LoRA keeping all but a tolerance of the full fine-tun
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
 
-from spectra.records import DEFAULT_SWEEP_RANKS, SweepPoint, SweepSettings
-
-LORA_KINDS: Final = ("uniform", "budget", "recommendation")
+from spectra.records import DEFAULT_SWEEP_RANKS, EXTRACTED_KINDS, SweepPoint, SweepSettings
 
 
 def ladder(shapes: Sequence[tuple[int, int]], given: tuple[int, ...] | None) -> tuple[list[int], list[str]]:
@@ -64,7 +61,9 @@ def choose(points: Sequence[SweepPoint], settings: SweepSettings, selecting: boo
             "see lower_is_better / --lower-is-better)"
         )
     need = 1.0 - settings.tolerance
-    loras = [p for p in points if p.kind in LORA_KINDS and p.ok and p.select_gain is not None and not p.dense_modules]
+    loras = [
+        p for p in points if p.kind in EXTRACTED_KINDS and p.ok and p.select_gain is not None and not p.dense_modules
+    ]
     fits = [p for p in loras if (p.select_gain or 0.0) >= need - 1e-12]
     refs = f"base {mb:.4g}, full fine-tune {mf:.4g}"
     if not fits:

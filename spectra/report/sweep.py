@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from spectra.io.files import write_atomic
-from spectra.records import Sweep, SweepPoint
+from spectra.records import EXTRACTED_KINDS, Sweep, SweepPoint
 from spectra.report.compare import _environment, figure_uri
 
-LORA_KINDS = ("uniform", "budget", "recommendation", "trained")
+LORA_KINDS = (*EXTRACTED_KINDS, "trained")
 MARKERS = {"uniform": "o", "budget": "s", "recommendation": "D", "trained": "^"}
 COLOURS = {"trained": "#9467bd"}  # a LoRA trained elsewhere, on the metric axes only (its ΔW is not TUNED's)
 MIN_SHARE = 1e-6  # a log axis needs x > 0
