@@ -3,7 +3,6 @@ point (read from its factors' shapes), a failed point, and the one-line progress
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -31,12 +30,14 @@ def budget_label(b: float) -> tuple[str, str]:
     return (f"budget {100 * b:g}%", f"budget-{100 * b:g}pct") if b < 1 else (f"budget {int(b):,}", f"budget-{int(b)}")
 
 
-def check_trained(label: str, folder: Path, stack: contextlib.ExitStack) -> Path:
-    """The adapter folder of a trained point, checked to be a LoRA adapter (as read: resolved)."""
-    ck = stack.enter_context(open_checkpoint(os.fspath(folder)))
-    if ck.format != "peft-adapter" or not factor_sizes(ck.entries.values())[0]:
-        raise CheckpointError(f"{ck.path}: the adapter of point {label!r} is not a PEFT LoRA adapter folder")
-    return ck.location
+def check_trained(label: str, folder: Path) -> tuple[Path, tuple[list[int], int, int]]:
+    """(the folder as read: resolved, `factor_sizes` of its factors) of a trained point's adapter, checked to be a
+    LoRA adapter."""
+    with open_checkpoint(os.fspath(folder)) as ck:
+        sizes = factor_sizes(ck.entries.values())
+        if ck.format != "peft-adapter" or not sizes[0]:
+            raise CheckpointError(f"{ck.path}: the adapter of point {label!r} is not a PEFT LoRA adapter folder")
+        return ck.location, sizes
 
 
 def factor_sizes(entries: Iterable[TensorEntry]) -> tuple[list[int], int, int]:

@@ -44,7 +44,7 @@ from spectra.lora.evaluate import (
     save_sweep,
 )
 from spectra.lora.extract import _check_inputs, extract
-from spectra.lora.points import budget_label, check_trained, factor_sizes, failed, shown
+from spectra.lora.points import budget_label, check_trained, failed, shown
 from spectra.lora.resize import resize
 from spectra.lora.rules import RankRule
 from spectra.lora.split import ExtractResult, default_dtype
@@ -149,6 +149,7 @@ class _Run:
     n_steps: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     trained: dict[str, Path] = dataclasses.field(default_factory=dict)  # label -> adapter folder
+    trained_sizes: dict[str, tuple[list[int], int, int]] = dataclasses.field(default_factory=dict)
     work: Path = Path()
 
     def sweep(self, work: Path, out: Path | None, started: float) -> Sweep:
@@ -216,7 +217,7 @@ class _Run:
             ]
             _check_inputs(cks[0], cks[1])  # an adapter or TUNED = BASE: refused before anything is evaluated
             for label, folder in self.trained.items():
-                self.trained[label] = check_trained(label, folder, stack)
+                self.trained[label], self.trained_sizes[label] = check_trained(label, folder)
             jobs, _, _ = select_modules(cks[0], cks[1], self.options, s.include_embeddings, s.targets)
             self.shapes = [j.shape for j in jobs]
             self.store = default_dtype(j.operand.tuned.dtype_name for j in jobs if isinstance(j.operand, Dense))
@@ -296,8 +297,7 @@ class _Run:
     def _trained(self, label: str, folder: Path) -> SweepPoint:
         """A LoRA trained elsewhere: merged and evaluated like the extracted ones; its size from its factors."""
         started = time.perf_counter()
-        with open_checkpoint(os.fspath(folder)) as ck:
-            ranks, params, dense_modules = factor_sizes(ck.entries.values())
+        ranks, params, dense_modules = self.trained_sizes[label]
         return self._evaluated(label, "trained", None, (ranks, params, None, dense_modules), folder, started, "")
 
     def _evaluated(
